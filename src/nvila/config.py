@@ -1,0 +1,254 @@
+"""Typed configuration of an NVILA model, parsed once from the official ``config.json``.
+
+The released checkpoints keep their settings in a LLaVA-style top-level ``config.json`` whose values come
+in loose string forms (``s2_scales: "448,896,1344"``, encoder entries as Hydra JSON strings, keys that are
+absent and fall back to class defaults). :func:`NvilaConfig.from_official` turns that into frozen, typed
+data at the boundary; nothing downstream ever looks at the raw dict again. The raw dict is kept verbatim
+(``NvilaConfig.raw``) so that saving writes the same file back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nvila.errors import ConfigError
+
+ImageMode = Literal["dynamic_s2", "dynamic", "resize"]
+VideoEncoderKind = Literal["basic", "tsp"]
+
+# Top-level keys absent from the NVILA-8B release config take these class defaults.
+DEFAULT_MIN_TILES = 1
+DEFAULT_MAX_TILES = 12
+DEFAULT_NUM_VIDEO_FRAMES = 8
+
+# `_target_` class names of the reference's Hydra encoder entries -> our kinds.
+_VIDEO_ENCODERS: dict[str, VideoEncoderKind] = {"BasicVideoEncoder": "basic", "TSPVideoEncoder": "tsp"}
+_IMAGE_ENCODERS = {"BasicImageEncoder"}
+
+
+@dataclass(frozen=True)
+class VideoEncoderConfig:
+    """How frame embeddings become the embedding block of one video.
+
+    ``basic``: every frame's tokens followed by the end ("\\n") embedding.
+    ``tsp``: temporal-spatial pooling of the *projected* frame tokens; each ``(t, h, w)`` in ``pool_sizes``
+    averages ``t`` consecutive frames and ``h x w`` spatial cells (NVILA-8B-Video: ``[(8, 1, 1)]``).
+    """
+
+    kind: VideoEncoderKind = "basic"
+    pool_sizes: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def frame_multiple(self) -> int:
+        """The number of frames must be a multiple of this (the product of temporal pool sizes' lcm)."""
+        multiple = 1
+        for t, _, _ in self.pool_sizes:
+            multiple = _lcm(multiple, t)
+        return multiple
+
+
+@dataclass(frozen=True)
+class NvilaConfig:
+    """Everything that decides how media become LLM embeddings, plus context limits.
+
+    Vision/LLM architecture details live in the transformers configs of the sub-folders; this holds
+    the NVILA-specific glue between them.
+    """
+
+    image_mode: ImageMode
+    tile_size: int                      # pixels per square tile (448 for the released models)
+    patch_size: int                     # ViT patch size (14)
+    projector_type: str                 # key of nvila.model.projector.PROJECTORS
+    mm_hidden_size: int                 # projector input channels
+    llm_hidden_size: int
+    s2_scales: tuple[int, ...] = ()     # dynamic_s2 only, ascending, scales[0] == tile_size
+    min_tiles: int = DEFAULT_MIN_TILES
+    max_tiles: int = DEFAULT_MAX_TILES
+    select_layer: int = -2              # index into the ViT's hidden_states tuple
+    select_feature: Literal["cls_patch", "patch"] = "cls_patch"
+    num_video_frames: int = DEFAULT_NUM_VIDEO_FRAMES
+    video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    num_time_tokens: int = 0
+    model_max_length: int = 8192        # context limit used to reject over-long prompts
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def grid_size(self) -> int:
+        """Patch tokens per side of one tile (32 for 448/14)."""
+        return self.tile_size // self.patch_size
+
+    @property
+    def downsample(self) -> int:
+        """Side of the space-to-channel block of the projector (2 or 3)."""
+        from nvila.model.projector import downsample_factor  # registry owns the mapping
+
+        return downsample_factor(self.projector_type)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """LLM tokens one tile yields after the projector (256 for 2x2, 121 for 3x3 at 448 px)."""
+        side = -(-self.grid_size // self.downsample)
+        return side * side
+
+    @classmethod
+    def from_official(
+        cls,
+        raw: dict[str, Any],
+        vision: dict[str, Any],
+        projector: dict[str, Any],
+        llm: dict[str, Any],
+        preprocessor: dict[str, Any] | None = None,
+    ) -> "NvilaConfig":
+        """Build from the top-level ``config.json``, the sub-folders' ``config.json`` dicts and
+        ``vision_tower/preprocessor_config.json`` (SigLIP defaults when absent)."""
+        pre = preprocessor or {}
+        dynamic_s2 = bool(raw.get("dynamic_s2", False))
+        aspect = raw.get("image_aspect_ratio")
+        if dynamic_s2:
+            mode: ImageMode = "dynamic_s2"
+        elif aspect in ("dynamic", "resize"):
+            mode = aspect
+        else:
+            raise ConfigError(
+                f"image_aspect_ratio={aspect!r} is not supported; NVILA checkpoints use 'dynamic_s2' "
+                "(with dynamic_s2: true), 'dynamic' or 'resize'"
+            )
+        tile = int(_require(vision, "image_size", "vision_tower/config.json"))
+        scales: tuple[int, ...] = ()
+        if mode == "dynamic_s2":
+            scales = parse_scales(_require(raw, "s2_scales", "config.json"))
+            idx = int(raw.get("s2_resize_output_to_scale_idx", -1))
+            if idx not in (-1, len(scales) - 1):
+                raise ConfigError(f"s2_resize_output_to_scale_idx={idx} is not supported (only -1, the last scale)")
+            # The reference forces the processor size to the first scale for S2 models.
+            tile = scales[0]
+        proj_type = _require(projector, "mm_projector_type", "mm_projector/config.json")
+        llm_max = llm.get("tokenizer_model_max_length") or llm.get("model_max_length")
+        llm_max = llm_max or raw.get("model_max_length") or llm.get("max_position_embeddings") or 8192
+        cfg = cls(
+            image_mode=mode,
+            tile_size=tile,
+            patch_size=int(_require(vision, "patch_size", "vision_tower/config.json")),
+            projector_type=str(proj_type),
+            mm_hidden_size=int(_require(raw, "mm_hidden_size", "config.json")),
+            llm_hidden_size=int(_require(llm, "hidden_size", "llm/config.json")),
+            s2_scales=scales,
+            min_tiles=int(raw.get("min_tiles", DEFAULT_MIN_TILES)),
+            max_tiles=int(raw.get("max_tiles", DEFAULT_MAX_TILES)),
+            select_layer=int(raw.get("mm_vision_select_layer", -2)),
+            select_feature=_select_feature(raw.get("mm_vision_select_feature", "cls_patch")),
+            num_video_frames=int(raw.get("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES)),
+            video_encoder=parse_video_encoder(raw.get("video_encoder")),
+            num_time_tokens=int(raw.get("num_time_tokens", 0) or 0),
+            model_max_length=int(llm_max),
+            image_mean=_triple(pre.get("image_mean", (0.5, 0.5, 0.5)), "image_mean"),
+            image_std=_triple(pre.get("image_std", (0.5, 0.5, 0.5)), "image_std"),
+            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+            raw=dict(raw),
+        )
+        _check_image_encoder(raw.get("image_encoder"))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ConfigError on inconsistent values (called by from_official)."""
+        if self.tile_size % self.patch_size:
+            raise ConfigError(f"tile size {self.tile_size} is not a multiple of the patch size {self.patch_size}")
+        if self.image_mode == "dynamic_s2":
+            if any(s % self.s2_scales[0] for s in self.s2_scales) or list(self.s2_scales) != sorted(self.s2_scales):
+                raise ConfigError(f"s2_scales {list(self.s2_scales)} must ascend in multiples of the first scale")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+        if self.num_video_frames < 1:
+            raise ConfigError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
+
+    def vision_feature_channels(self) -> int:
+        """Channels the projector expects (vision hidden x number of S2 scales)."""
+        return self.mm_hidden_size
+
+
+def parse_scales(value: Any) -> tuple[int, ...]:
+    """Parse ``"448,896,1344"`` (the official string form) or a list into a tuple of ints."""
+    try:
+        if isinstance(value, str):
+            scales = tuple(int(s) for s in value.split(",") if s.strip())
+        else:
+            scales = tuple(int(s) for s in value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"s2_scales {value!r} is not a comma-separated list of integers") from e
+    if not scales:
+        raise ConfigError("s2_scales is empty")
+    return scales
+
+
+def parse_video_encoder(value: Any) -> VideoEncoderConfig:
+    """Parse the Hydra-style ``video_encoder`` entry (a JSON string or dict); absent -> basic."""
+    if value is None:
+        return VideoEncoderConfig()
+    spec = _parse_json_entry(value, "video_encoder")
+    target = str(spec.get("_target_", "")).rsplit(".", 1)[-1]
+    if target not in _VIDEO_ENCODERS:
+        raise ConfigError(f"video_encoder {target!r} is not supported (known: {sorted(_VIDEO_ENCODERS)})")
+    kind = _VIDEO_ENCODERS[target]
+    pools: tuple[tuple[int, int, int], ...] = ()
+    if kind == "tsp":
+        try:
+            pools = tuple((int(t), int(h), int(w)) for t, h, w in spec.get("pool_sizes", []))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"TSP pool_sizes {spec.get('pool_sizes')!r} must be [[t, h, w], ...]") from e
+        if not pools or any(min(p) < 1 for p in pools):
+            raise ConfigError(f"TSP pool_sizes {spec.get('pool_sizes')!r} must be non-empty positive triples")
+        if spec.get("sep_tokens") or spec.get("start_tokens"):
+            raise ConfigError("TSP sep_tokens/start_tokens are not supported (no released model uses them)")
+    return VideoEncoderConfig(kind=kind, pool_sizes=pools)
+
+
+def _check_image_encoder(value: Any) -> None:
+    if value is None:
+        return
+    target = str(_parse_json_entry(value, "image_encoder").get("_target_", "")).rsplit(".", 1)[-1]
+    if target not in _IMAGE_ENCODERS:
+        raise ConfigError(f"image_encoder {target!r} is not supported (known: {sorted(_IMAGE_ENCODERS)})")
+
+
+def _parse_json_entry(value: Any, name: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    try:
+        spec = json.loads(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} entry {value!r} is not valid JSON") from e
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{name} entry {value!r} is not a JSON object")
+    return spec
+
+
+def _select_feature(value: Any) -> Literal["cls_patch", "patch"]:
+    if value not in ("cls_patch", "patch"):
+        raise ConfigError(f"mm_vision_select_feature={value!r} is not supported ('cls_patch' or 'patch')")
+    return value
+
+
+def _triple(value: Any, name: str) -> tuple[float, float, float]:
+    try:
+        a, b, c = (float(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"preprocessor_config.json {name} {value!r} must be three numbers") from e
+    return (a, b, c)
+
+
+def _require(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d or d[key] is None:
+        raise ConfigError(f"{where} has no {key!r} entry")
+    return d[key]
+
+
+def _lcm(a: int, b: int) -> int:
+    from math import gcd
+
+    return a * b // gcd(a, b)

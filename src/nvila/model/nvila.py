@@ -1,0 +1,153 @@
+"""NVILA: vision tower -> (S2 merge) -> projector -> (TSP) -> fused into the LLM's input embeddings.
+
+Tensors in, tensors out: no file I/O, no tokenizer, no device moves beyond following the weights.
+The per-item plans made by the processor say what each media item must become; every block produced
+here is checked against them, so a geometry bug fails loudly instead of shifting tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nvila.config import NvilaConfig
+from nvila.errors import PromptError
+from nvila.model.projector import Projector
+from nvila.model.s2 import merge_scales, raster_tokens
+from nvila.model.temporal import tsp_pool
+from nvila.model.vision import VisionTower
+from nvila.processing.processor import MediaItem
+from nvila.processing.tiling import TilePlan
+
+
+class NvilaModel(nn.Module):
+    """The three parts of an NVILA checkpoint plus the glue between them.
+
+    Args:
+        cfg: parsed NVILA configuration.
+        vision: the vision tower wrapper.
+        projector: the STC projector.
+        llm: a transformers causal LM (Qwen2, Llama, ...), used through ``inputs_embeds``.
+        media_token_ids: ``{"image": id, "video": id}`` placeholder ids in the prompt.
+        end_token_ids: ids whose embeddings follow every image/tile/frame (the tokenised ``"\\n"``).
+    """
+
+    def __init__(
+        self,
+        cfg: NvilaConfig,
+        vision: VisionTower,
+        projector: Projector,
+        llm: nn.Module,
+        media_token_ids: dict[str, int],
+        end_token_ids: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.media_token_ids = dict(media_token_ids)
+        self.register_buffer("end_token_ids", torch.tensor(list(end_token_ids), dtype=torch.long), persistent=False)
+        self.vision_batch_size = 32  # tiles per ViT call: bounds activation memory for long videos
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    # ---- vision -------------------------------------------------------------------------------
+    def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, G*G, C) ViT tokens, in chunks of ``vision_batch_size`` tiles."""
+        device = next(self.vision.parameters()).device
+        out = [self.vision(chunk.to(device)) for chunk in pixels.split(self.vision_batch_size)]
+        return torch.cat(out)
+
+    def project(self, feats: torch.Tensor, repeat_channels: int = 1) -> torch.Tensor:
+        """(N, G*G, C) -> (N, g*g, D); single tiles of S2 models repeat their channels per scale."""
+        if repeat_channels > 1:
+            feats = feats.repeat(1, 1, repeat_channels)                  # [f, f, f] on channels
+        param = next(self.projector.parameters())
+        return self.projector(feats.to(device=param.device, dtype=param.dtype))
+
+    def end_embeds(self) -> torch.Tensor:
+        """(E, D) embeddings appended after every image, tile or frame."""
+        return self.llm.get_input_embeddings()(self.end_token_ids)
+
+    def _with_end(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(T, n, D) -> (T * (n + E), D): each row of tokens followed by the end embeddings."""
+        end = self.end_embeds().to(tokens.dtype)
+        T = tokens.shape[0]
+        return torch.cat([tokens.to(end.device), end.expand(T, -1, -1)], dim=1).flatten(0, 1)
+
+    def embed_media(self, media: Sequence[MediaItem]) -> list[torch.Tensor]:
+        """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D)."""
+        if not media:
+            return []
+        feats = self.encode_tiles(torch.cat([m.pixels for m in media]))
+        blocks: list[torch.Tensor] = []
+        start = 0
+        for item in media:
+            n = item.pixels.shape[0]
+            blocks += self._item_blocks(item, feats[start : start + n])
+            start += n
+        return blocks
+
+    def _item_blocks(self, item: MediaItem, feats: torch.Tensor) -> list[torch.Tensor]:
+        plan = item.plan
+        if not isinstance(plan, TilePlan):                               # video
+            frames = self.project(feats, plan.frame_plan.repeat_channels)  # (T, n, D)
+            enc = self.cfg.video_encoder
+            if enc.kind == "basic":
+                blocks = [self._with_end(frames)]
+            else:
+                blocks = [self._with_end(tsp_pool(frames, pool)) for pool in enc.pool_sizes]
+            blocks = [torch.cat(blocks)]
+            expected = [plan.num_embeddings]
+        elif plan.kind == "dynamic_s2":
+            rows, cols = plan.block
+            k = [s // self.cfg.tile_size for s in self.cfg.s2_scales[:-1]]
+            chunks = self.project(merge_scales(feats, k, plan.block))   # (rows*cols, g*g, D)
+            blocks = [self._with_end(raster_tokens(chunks, rows, cols)[None])]
+            expected = [plan.embeds_per_placeholder]
+        else:                                                            # one block per tile
+            tokens = self.project(feats, plan.repeat_channels)           # (N, g*g, D)
+            blocks = [self._with_end(t[None]) for t in tokens]
+            expected = [plan.embeds_per_placeholder] * plan.placeholders
+        got = [b.shape[0] for b in blocks]
+        if got != expected:
+            raise PromptError(
+                f"{item.kind} produced embedding blocks of sizes {got} but its plan expects {expected}; "
+                "the checkpoint's vision/projector geometry does not match its config (tile size, patch size, "
+                "projector type)"
+            )
+        return blocks
+
+    # ---- fusion -------------------------------------------------------------------------------
+    def fuse(self, input_ids: Sequence[int], blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Replace each placeholder id by the next media block: (L_text,) ids -> (L_fused, D)."""
+        ids = torch.tensor(list(input_ids), dtype=torch.long, device=self.device)
+        text = self.llm.get_input_embeddings()(ids)                      # (L_text, D)
+        placeholder = torch.zeros_like(ids, dtype=torch.bool)
+        for tid in self.media_token_ids.values():
+            placeholder |= ids == tid
+        positions = placeholder.nonzero().flatten().tolist()
+        if len(positions) != len(blocks):
+            raise PromptError(
+                f"the prompt has {len(positions)} media placeholders but {len(blocks)} media embedding blocks "
+                "were produced; every image/video part must match one placeholder"
+            )
+        pieces, prev = [], 0
+        for pos, block in zip(positions, blocks):
+            pieces += [text[prev:pos], block.to(text.dtype)]
+            prev = pos + 1
+        pieces.append(text[prev:])
+        return torch.cat(pieces)
+
+    def embed_prompt(self, input_ids: Sequence[int], media: Sequence[MediaItem]) -> torch.Tensor:
+        """Token ids + media -> (L_fused, D) input embeddings for the LLM."""
+        return self.fuse(input_ids, self.embed_media(media))

@@ -1,0 +1,41 @@
+"""Vision tower: a transformers vision model returning the selected hidden layer's tokens.
+
+NVILA takes ``hidden_states[select_layer]`` (-2: the output of the second-to-last encoder layer, before
+the post-LayerNorm). Layers after the selected one never run: their weights stay in the module (so a
+checkpoint round-trips unchanged) but the forward loop stops early, which saves one ViT layer per tile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VisionTower(nn.Module):
+    """Wraps ``SiglipVisionModel`` (or any model with ``embeddings`` + ``encoder.layers``)."""
+
+    def __init__(self, model: nn.Module, select_layer: int = -2, select_feature: str = "cls_patch") -> None:
+        super().__init__()
+        self.model = model
+        num_layers = len(model.encoder.layers)
+        # hidden_states has num_layers + 1 entries (embeddings first); index -> layers to run.
+        index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"select_layer {select_layer} is out of range for {num_layers} layers")
+        self.layers_to_run = index
+        self.drop_first_token = select_feature == "patch"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) pixels -> (N, L, C) tokens of the selected layer."""
+        x = self.model.embeddings(pixels.to(self.dtype))         # (N, L, C)
+        for layer in self.model.encoder.layers[: self.layers_to_run]:
+            x = layer(x, None)
+        return x[:, 1:] if self.drop_first_token else x

@@ -1,0 +1,163 @@
+"""Conversation -> :class:`Prompt`: token ids with placeholders + the media pixels and their plans.
+
+Data flow: messages -> media files read (nvila.media) -> TilePlan per image / VideoPlan per video ->
+pixel tiles -> prompt text with placeholders expanded from the plans -> token ids. This module never
+imports the model; the model consumes a Prompt and checks its counts against the plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+from nvila import media as media_io
+from nvila.config import NvilaConfig
+from nvila.errors import PromptError
+from nvila.processing.chat import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    build_prompt,
+    collect_media,
+    normalize_messages,
+)
+from nvila.processing.image import image_pixels, normalize
+from nvila.processing.tiling import TilePlan, VideoPlan, plan_image, plan_video
+
+
+@dataclass
+class MediaItem:
+    """One image or video of a prompt: its pixels and the plan that says what they become."""
+
+    kind: Literal["image", "video"]
+    pixels: torch.Tensor            # (N, 3, S, S): image tiles in plan order, or video frames
+    plan: TilePlan | VideoPlan
+    key: str | None = None          # content key for caching encoded media across turns
+
+    @property
+    def placeholders(self) -> int:
+        return self.plan.placeholders if isinstance(self.plan, TilePlan) else 1
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.plan.num_embeddings
+
+
+@dataclass
+class Prompt:
+    """Token ids (one placeholder id per placeholder) and the media that fill them, in order."""
+
+    input_ids: list[int]
+    media: list[MediaItem]
+    text: str
+
+    @property
+    def num_media_embeddings(self) -> int:
+        return sum(m.num_embeddings for m in self.media)
+
+    @property
+    def fused_length(self) -> int:
+        """Length of the sequence the LLM sees after placeholders are replaced by embeddings."""
+        return len(self.input_ids) - sum(m.placeholders for m in self.media) + self.num_media_embeddings
+
+
+class Processor:
+    """Turns chat messages into a :class:`Prompt` for one model configuration."""
+
+    def __init__(self, cfg: NvilaConfig, tokenizer: Any, chat_template: str, max_pixels: int | None = None) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_pixels = max_pixels or media_io.DEFAULT_MAX_PIXELS
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+
+    def __call__(
+        self,
+        messages: str | Sequence[Any],
+        *,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        add_generation_prompt: bool = True,
+    ) -> Prompt:
+        """Read the media of ``messages``, plan and tile them, and tokenize the conversation.
+
+        ``num_frames`` / ``fps`` / ``max_frames`` are defaults for videos whose part does not set them;
+        without them the model's configured ``num_video_frames`` is used.
+        """
+        msgs = normalize_messages(messages)
+        refs = collect_media(msgs)
+        single = sum(r.kind == "image" for r in refs) == 1
+        items: list[MediaItem] = []
+        expansion: dict[int, str] = {}
+        n_img = 0
+        for ref in refs:
+            if ref.kind == "image":
+                item = self._image(ref.source, single)
+                if item.plan.kind == "dynamic":
+                    expansion[n_img] = (IMAGE_TOKEN + "\n") * item.plan.placeholders
+                n_img += 1
+            else:
+                opts = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames} | ref.options
+                item = self._video(ref.source, **opts)
+            items.append(item)
+        text = build_prompt(msgs, self.tokenizer, self.chat_template, expansion, add_generation_prompt)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = Prompt(list(ids), items, text)
+        self._check_counts(prompt)
+        return prompt
+
+    def _image(self, source: Any, single: bool) -> MediaItem:
+        image = media_io.load_image(source, max_pixels=self.max_pixels)
+        plan = plan_image(image.width, image.height, self.cfg, single_image=single)
+        return MediaItem("image", image_pixels(image, plan, self.cfg), plan, key=_media_key(source))
+
+    def _video(
+        self, source: Any, num_frames: int | None, fps: float | None, max_frames: int | None
+    ) -> MediaItem:
+        n = int(num_frames or self.cfg.num_video_frames)
+        if n < 1:
+            raise PromptError(f"num_frames must be >= 1, got {n}")
+        multiple = self.cfg.video_encoder.frame_multiple
+        if fps and multiple > 1:
+            raise PromptError("fps sampling gives a variable frame count, which this model's temporal pooling "
+                              f"cannot take (it needs a multiple of {multiple} frames); use num_frames instead")
+        video = media_io.load_video(source, num_frames=n, fps=fps, max_frames=max_frames, max_pixels=self.max_pixels)
+        plan = plan_video(len(video.frames), self.cfg)
+        frame = plan.frame_plan.tiles[0]
+        frames = [f.resize(frame.resize) for f in video.frames]
+        key = _media_key(source)
+        key = None if key is None else f"{key}|{video.indices}"
+        return MediaItem("video", normalize(frames, self.cfg), plan, key=key)
+
+    def _check_counts(self, prompt: Prompt) -> None:
+        ids = prompt.input_ids
+        want_img = sum(m.placeholders for m in prompt.media if m.kind == "image")
+        want_vid = sum(1 for m in prompt.media if m.kind == "video")
+        got_img, got_vid = ids.count(self.image_token_id), ids.count(self.video_token_id)
+        if (got_img, got_vid) != (want_img, want_vid):
+            raise PromptError(
+                f"the chat template produced {got_img} image / {got_vid} video placeholders for "
+                f"{want_img} / {want_vid} media; does the template drop or duplicate message content?"
+            )
+        if prompt.fused_length > self.cfg.model_max_length:
+            raise PromptError(
+                f"the prompt needs {prompt.fused_length} positions ({len(ids)} text tokens + "
+                f"{prompt.num_media_embeddings} media embeddings) but the model's context is "
+                f"{self.cfg.model_max_length}; use fewer or smaller media, fewer video frames or a shorter text"
+            )
+
+
+def _media_key(source: Any) -> str | None:
+    """A cheap identity for a media source (path + mtime + size); None when not cacheable."""
+    import os
+
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            st = os.stat(source)
+        except OSError:
+            return None
+        return f"{os.fspath(source)}|{st.st_mtime_ns}|{st.st_size}"
+    return None
