@@ -1,0 +1,28 @@
+"""nvila: NVILA vision-language models — inference, serving, fine-tuning and deployment.
+
+    import nvila
+    pipe = nvila.load("path/to/NVILA-Lite-2B")
+    print(pipe.chat([{"role": "user", "content": [{"type": "image", "image": "photo.jpg"},
+                                                  {"type": "text", "text": "Describe it."}]}]))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvila.errors import CheckpointError, ConfigError, MediaError, NvilaError, PromptError
+
+__version__ = "0.1.0"
+__all__ = ["load", "Pipeline", "Generation", "SamplingParams", "NvilaError", "MediaError", "CheckpointError",
+           "ConfigError", "PromptError", "__version__"]
+
+_LAZY = {"load": "nvila.api", "Pipeline": "nvila.api", "Generation": "nvila.api", "SamplingParams": "nvila.generate"}
+
+
+def __getattr__(name: str) -> Any:
+    # torch/transformers load only when the model API is first used, so `nvila --help` stays fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nvila' has no attribute {name!r}")

@@ -1,0 +1,186 @@
+"""The one public entry point: ``nvila.load(...)`` -> :class:`Pipeline`.
+
+The CLI, the server and evaluation all go through a Pipeline, so behaviour (prompting, media handling,
+decoding) is defined once::
+
+    import nvila
+    pipe = nvila.load("Efficient-Large-Model/NVILA-8B")            # or a local folder
+    pipe.chat([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                            {"type": "text", "text": "What is this?"}]}])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from nvila.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nvila.errors import ConfigError
+from nvila.generate import SamplingParams, TextStream, decode
+from nvila.processing.processor import Processor, Prompt
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+MEDIA_OPTIONS = ("num_frames", "fps", "max_frames")
+
+
+@dataclass
+class Generation:
+    """Result of one generation."""
+
+    text: str
+    prompt_token_ids: list[int]          # ids fed to the fusion step (one id per placeholder)
+    num_media_embeddings: int            # media embeddings spliced in, "\n" embeddings included
+    prompt_length: int                   # positions the LLM saw for the prompt (fused length)
+    output_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"        # "stop" (stop token or string) | "length"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU; errors if CUDA is asked for but missing."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto" -> bfloat16 on CUDA, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def load(
+    path_or_id: str | os.PathLike,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+) -> "Pipeline":
+    """Load an NVILA checkpoint (local folder in the official layout, or a Hugging Face Hub id)."""
+    dev = resolve_device(device)
+    return Pipeline(load_checkpoint(path_or_id, dtype=resolve_dtype(dtype, dev), device=str(dev)))
+
+
+class Pipeline:
+    """A loaded model with its processor: chat, stream, batch generation and parity hooks."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.tokenizer = checkpoint.tokenizer
+        self.config = checkpoint.model.cfg
+        self.processor = Processor(self.config, self.tokenizer, checkpoint.chat_template)
+
+    # ---- preparation ----------------------------------------------------------------------------
+    def prepare(self, messages: str | Sequence[Any], **media_options: Any) -> Prompt:
+        """Messages -> Prompt (token ids + media pixels + plans), without running the model."""
+        return self.processor(messages, **_pick(media_options, MEDIA_OPTIONS))
+
+    @torch.inference_mode()
+    def embed(self, prompt: Prompt) -> torch.Tensor:
+        """(L_fused, D) input embeddings of a prepared prompt."""
+        return self.model.embed_prompt(prompt.input_ids, prompt.media)
+
+    @torch.inference_mode()
+    def next_token_logits(self, messages: str | Sequence[Any], **media_options: Any) -> torch.Tensor:
+        """Logits (float32, shape [vocab]) at the last prompt position."""
+        x = self.embed(self.prepare(messages, **media_options))
+        return self.model.llm(inputs_embeds=x[None], logits_to_keep=1).logits[0, -1].float()
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(self, messages: str | Sequence[Any], **options: Any) -> Generation:
+        """Answer one conversation; options = SamplingParams fields + media options."""
+        return self.generate_batch([messages], **options)[0]
+
+    def generate_batch(self, conversations: Sequence[str | Sequence[Any]], **options: Any) -> list[Generation]:
+        """Answer several conversations together (one prefill, batched decode steps)."""
+        params = _sampling(options)
+        prompts = [self.prepare(c, **options) for c in conversations]
+        results = [Generation("", p.input_ids, p.num_media_embeddings, p.fused_length) for p in prompts]
+        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
+        embeds = [self.embed(p) for p in prompts]
+        steps = decode(self.model.llm, embeds, params, self.checkpoint.stop_token_ids, self.config.model_max_length)
+        for step in steps:
+            for b, token in enumerate(step.tokens):
+                if token is None or streams[b].stopped:
+                    continue
+                results[b].output_token_ids.append(token)
+                streams[b].push(token)
+            for b, reason in enumerate(step.finished):
+                results[b].finish_reason = "stop" if streams[b].stopped else (reason or "length")
+            if all(s.stopped or r for s, r in zip(streams, step.finished)):
+                break
+        for r, s in zip(results, streams):
+            s.finish()
+            r.text = s.text.strip()
+        return results
+
+    def chat(self, messages: str | Sequence[Any], **options: Any) -> str:
+        """The model's answer to a conversation, as text."""
+        return self.generate(messages, **options).text
+
+    def stream(self, messages: str | Sequence[Any], **options: Any) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated.
+
+        The pieces concatenate to exactly ``chat(...)``'s text (surrounding whitespace stripped).
+        """
+        params = _sampling(options)
+        prompt = self.prepare(messages, **options)
+        text = TextStream(self.tokenizer, params.stop)
+        steps = decode(self.model.llm, [self.embed(prompt)], params, self.checkpoint.stop_token_ids,
+                       self.config.model_max_length)
+
+        def pieces() -> Iterator[str]:
+            for step in steps:
+                if step.tokens[0] is not None:
+                    yield text.push(step.tokens[0])
+                if text.stopped or step.finished[0]:
+                    break
+            yield text.finish()
+
+        yield from _strip_stream(pieces())
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write the model in the official layout (bit-identical tensors for an unmodified model)."""
+        return save_checkpoint(self.checkpoint, out)
+
+
+def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
+    """Drop leading whitespace and hold back trailing whitespace until more text follows."""
+    started, pending = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        piece = pending + piece
+        body = piece.rstrip()
+        pending = piece[len(body):]
+        if body:
+            yield body
+
+
+def _pick(options: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in names and v is not None}
+
+
+def _sampling(options: dict[str, Any]) -> SamplingParams:
+    known = set(SamplingParams.__dataclass_fields__) | set(MEDIA_OPTIONS)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown generation options {unknown}; known: {sorted(known)}")
+    fields = _pick(options, tuple(SamplingParams.__dataclass_fields__))
+    if "stop" in fields and isinstance(fields["stop"], str):
+        fields["stop"] = (fields["stop"],)
+    if "stop" in fields:
+        fields["stop"] = tuple(fields["stop"])
+    return SamplingParams(**fields)

@@ -1,0 +1,184 @@
+"""Autoregressive decoding over fused embeddings: prefill, one decode step, sampling, streaming.
+
+The LLM is a transformers causal LM used directly (not ``.generate``): prefill runs the fused media+text
+embeddings once and keeps only the last position's logits; each decode step feeds one token per sequence
+through the KV cache. A batch is left-padded, with explicit position ids so padding never shifts RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from nvila.errors import PromptError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. ``temperature == 0`` means greedy (the reference default)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PromptError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PromptError(f"top_k must be >= 0, got {self.top_k}")
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+
+def left_pad(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """List of (L_i, D) -> inputs (B, L, D), attention mask (B, L), position ids (B, L)."""
+    L = max(e.shape[0] for e in embeds)
+    B, D = len(embeds), embeds[0].shape[1]
+    x = embeds[0].new_zeros(B, L, D)
+    mask = torch.zeros(B, L, dtype=torch.long, device=x.device)
+    for b, e in enumerate(embeds):
+        x[b, L - e.shape[0] :] = e
+        mask[b, L - e.shape[0] :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return x, mask, positions
+
+
+@torch.inference_mode()
+def prefill(llm: Any, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run the prompt; returns last-position logits (B, V) float32 and the KV cache."""
+    out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+@torch.inference_mode()
+def decode_step(
+    llm: Any, tokens: torch.Tensor, cache: Any, mask: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
+    """One token per sequence (B,) at ``positions`` (B,) -> logits (B, V) float32 and the cache."""
+    out = llm(
+        input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+        past_key_values=cache, use_cache=True,
+    )
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) float logits -> (B,) token ids: argmax, or temperature / top-k / top-p sampling."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p   # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(logits.device)
+
+
+@dataclass
+class StepOutput:
+    """Tokens produced in one step: ``tokens[b]`` is None for sequences already finished."""
+
+    tokens: list[int | None]
+    finished: list[str | None]      # finish reason per sequence once it ends: "stop" | "length"
+
+
+def decode(
+    llm: Any,
+    embeds: Sequence[torch.Tensor],
+    params: SamplingParams,
+    stop_token_ids: Sequence[int],
+    max_positions: int,
+) -> Iterator[StepOutput]:
+    """Generate for a batch of fused prompts; yields every step's new tokens.
+
+    A sequence ends on a stop token (not emitted), after ``max_new_tokens``, or when it reaches
+    ``max_positions`` (the model's context). Stop strings are handled by the caller, which can close the
+    generator early.
+    """
+    x, mask, positions = left_pad(embeds)
+    lengths = [e.shape[0] for e in embeds]
+    budget = [min(params.max_new_tokens, max_positions - n) for n in lengths]
+    if min(budget) < 1:
+        raise PromptError(f"the prompt fills the whole context ({max(lengths)} of {max_positions} positions)")
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    stops = set(stop_token_ids)
+    logits, cache = prefill(llm, x, mask, positions)
+    pos = positions[:, -1]
+    done: list[str | None] = [None] * len(embeds)
+    for step in range(max(budget)):
+        tokens = sample(logits, params, generator)
+        out: list[int | None] = []
+        for b, t in enumerate(tokens.tolist()):
+            if done[b] or t in stops:
+                done[b] = done[b] or "stop"
+                out.append(None)
+            else:
+                out.append(t)
+                if step + 1 >= budget[b]:
+                    done[b] = "length"
+        yield StepOutput(out, list(done))
+        if all(done):
+            return
+        pos = pos + 1
+        mask = torch.cat([mask, mask.new_ones(len(embeds), 1)], dim=1)
+        logits, cache = decode_step(llm, tokens, cache, mask, pos)
+
+
+class TextStream:
+    """Incremental detokenizer: feed ids, get the new text; holds back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""          # text emitted so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one id; returns the newly finished text (may be empty)."""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            return ""                                    # wait for the rest of a multi-byte character
+        for s in self.stop:
+            cut = full.find(s)
+            if cut >= 0:
+                full, self.stopped = full[:cut], True
+        # hold back a suffix that may be the start of a stop string
+        hold = 0 if self.stopped else max((_overlap(full, s) for s in self.stop), default=0)
+        new = full[len(self.text) : len(full) - hold]
+        self.text += new
+        return new
+
+    def finish(self) -> str:
+        """Flush held-back text at the end of generation."""
+        if self.stopped:
+            return ""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new = full[len(self.text) :]
+        self.text = full
+        return new
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
