@@ -1,0 +1,5 @@
+"""``python -m nvila`` (also the entry point torchrun uses)."""
+
+from nvila.cli.main import main
+
+raise SystemExit(main())

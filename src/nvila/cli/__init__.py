@@ -1,0 +1,1 @@
+"""Command-line interface: ``nvila VERB ...``; verbs live in the COMMANDS registry of nvila.cli.main."""

@@ -1,0 +1,187 @@
+"""``nvila`` command line: a registry of verbs, each a thin function over :mod:`nvila.api`.
+
+Errors nvila raises on purpose (bad media, bad checkpoint, prompt too long, ...) are printed as one
+``error: ...`` line with exit status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from nvila.errors import NvilaError
+
+# verb -> (help, add_arguments(parser), run(args) -> exit status)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register a CLI verb."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+
+    return register
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (official layout) or Hugging Face Hub id")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: auto)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: model config)")
+    p.add_argument("--fps", type=float, default=None, help="sample videos at this rate instead (capped by --max-frames)")
+    p.add_argument("--max-frames", type=int, default=None, help="cap on frames when --fps is used")
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "seed": args.seed, "stop": tuple(args.stop),
+        "num_frames": args.num_frames, "fps": args.fps, "max_frames": args.max_frames,
+    }
+
+
+def media_part(path: str) -> dict[str, Any]:
+    """A content part for a media path; the kind comes from the extension (a folder is a video)."""
+    from nvila.media import media_kind
+
+    kind = media_kind(path)
+    return {"type": kind, kind: path}
+
+
+# ---- infer ---------------------------------------------------------------------------------------
+def _infer_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--media", nargs="+", default=[], metavar="FILE", help="images, videos or frame folders")
+    p.add_argument("--text", required=True, help="the question or instruction")
+    p.add_argument("--system", default=None, help="system prompt (default: the model's)")
+    p.add_argument("--stream", action="store_true", help="print the answer while it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and token ids")
+    add_sampling_args(p)
+
+
+@command("infer", "answer one prompt about images/videos", _infer_args)
+def infer(args: argparse.Namespace) -> int:
+    import nvila
+
+    if args.stream and args.json:
+        raise NvilaError("--stream and --json cannot be combined")
+    parts = [media_part(m) for m in args.media] + [{"type": "text", "text": args.text}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": parts}]
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    options = generation_options(args)
+    if args.stream:
+        for piece in pipe.stream(messages, **options):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    result = pipe.generate(messages, **options)
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "prompt_token_ids": result.prompt_token_ids,
+            "num_media_embeddings": result.num_media_embeddings,
+            "prompt_length": result.prompt_length,
+            "output_token_ids": result.output_token_ids,
+            "finish_reason": result.finish_reason,
+        }))
+    else:
+        print(result.text)
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+CHAT_HELP = """commands: /image PATH, /video PATH (attach to your next message), /reset, /exit"""
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt (default: the model's)")
+    add_sampling_args(p)
+
+
+@command("chat", "interactive multi-turn chat with streaming", _chat_args)
+def chat(args: argparse.Namespace) -> int:
+    import nvila
+
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    options = generation_options(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    interactive = sys.stdin.isatty()
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history, pending = [], []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith(("/image ", "/video ")):
+            kind, path = line[1:6], line[7:].strip()
+            try:
+                part = media_part(path)
+            except NvilaError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            pending.append(part if part["type"] == kind else {"type": kind, kind: path})
+            print(f"({kind} attached: {Path(path).name})", file=sys.stderr)
+            continue
+        turn = {"role": "user", "content": pending + [{"type": "text", "text": line}]}
+        answer = ""
+        try:
+            print("nvila> " if interactive else "", end="", flush=True)
+            for piece in pipe.stream(system + history + [turn], **options):
+                answer += piece
+                print(piece, end="", flush=True)
+            print()
+        except NvilaError as e:  # the turn is dropped, the conversation so far is kept
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        history += [turn, {"role": "assistant", "content": answer}]
+        pending = []
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from nvila import __version__
+
+    parser = argparse.ArgumentParser(prog="nvila", description="NVILA vision-language models")
+    parser.add_argument("--version", action="version", version=f"nvila {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except NvilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
