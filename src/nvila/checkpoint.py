@@ -225,6 +225,13 @@ def atomic_dir(out: Path) -> Path:
     return tmp
 
 
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary folder from :func:`atomic_dir` into place."""
+    if out.exists():
+        out.rmdir()  # atomic_dir guaranteed it is empty
+    tmp.rename(out)
+
+
 # ---- whole checkpoints ------------------------------------------------------------------------------
 
 
@@ -379,9 +386,7 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
         for part, module in modules.items():
             record = ckpt.records[part]
             save_part(part_state(module, part, record), tmp / part, record.files)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -163,6 +163,29 @@ def chat(args: argparse.Namespace) -> int:
         pending = []
 
 
+# ---- random-checkpoint ---------------------------------------------------------------------------
+def _random_args(p: argparse.ArgumentParser) -> None:
+    from nvila.presets import PRESETS
+
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (default: bf16, as released)")
+    p.add_argument("--layers", type=int, default=None, help="truncate LLM and ViT to N layers (quick tests)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("random-checkpoint", "write a random checkpoint with a released model's exact shapes", _random_args)
+def random_checkpoint(args: argparse.Namespace) -> int:
+    from nvila.api import resolve_dtype
+    from nvila.presets import random_checkpoint as write
+
+    import torch
+
+    out = write(args.preset, args.out, resolve_dtype(args.dtype, torch.device("cpu")), args.layers, args.seed)
+    print(out)
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from nvila import __version__
