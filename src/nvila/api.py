@@ -44,7 +44,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU; errors if CUDA is asked for but missing."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a valid device (cpu, cuda, cuda:N or auto)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
     return dev
@@ -53,10 +56,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/"auto" -> bfloat16 on CUDA, float32 on CPU."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[dtype]
 
@@ -84,6 +89,9 @@ class Pipeline:
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self, messages: str | Sequence[Any], **media_options: Any) -> Prompt:
         """Messages -> Prompt (token ids + media pixels + plans), without running the model."""
+        unknown = sorted(set(media_options) - set(MEDIA_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown media options {unknown}; known: {list(MEDIA_OPTIONS)}")
         return self.processor(messages, **_pick(media_options, MEDIA_OPTIONS))
 
     @torch.inference_mode()
@@ -105,7 +113,9 @@ class Pipeline:
     def generate_batch(self, conversations: Sequence[str | Sequence[Any]], **options: Any) -> list[Generation]:
         """Answer several conversations together (one prefill, batched decode steps)."""
         params = _sampling(options)
-        prompts = [self.prepare(c, **options) for c in conversations]
+        if not conversations:
+            return []
+        prompts = [self.prepare(c, **_pick(options, MEDIA_OPTIONS)) for c in conversations]
         results = [Generation("", p.input_ids, p.num_media_embeddings, p.fused_length) for p in prompts]
         streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
         embeds = [self.embed(p) for p in prompts]
@@ -135,7 +145,7 @@ class Pipeline:
         The pieces concatenate to exactly ``chat(...)``'s text (surrounding whitespace stripped).
         """
         params = _sampling(options)
-        prompt = self.prepare(messages, **options)
+        prompt = self.prepare(messages, **_pick(options, MEDIA_OPTIONS))
         text = TextStream(self.tokenizer, params.stop)
         steps = decode(self.model.llm, [self.embed(prompt)], params, self.checkpoint.stop_token_ids,
                        self.config.model_max_length)
@@ -179,8 +189,9 @@ def _sampling(options: dict[str, Any]) -> SamplingParams:
     if unknown:
         raise ConfigError(f"unknown generation options {unknown}; known: {sorted(known)}")
     fields = _pick(options, tuple(SamplingParams.__dataclass_fields__))
-    if "stop" in fields and isinstance(fields["stop"], str):
-        fields["stop"] = (fields["stop"],)
-    if "stop" in fields:
-        fields["stop"] = tuple(fields["stop"])
+    stop = fields.get("stop", ())
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
+    fields["stop"] = tuple(stop)
     return SamplingParams(**fields)

@@ -218,6 +218,8 @@ def save_part(state: dict[str, torch.Tensor], folder: Path, files: dict[str, byt
 
 def atomic_dir(out: Path) -> Path:
     """A temporary sibling folder to write into before renaming to ``out``."""
+    if out.exists() and not out.is_dir():
+        raise NvilaError(f"output path {out} is a file; choose a folder path")
     if out.exists() and any(out.iterdir()):
         raise NvilaError(f"output folder {out} exists and is not empty; choose a new path")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -282,6 +284,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     root = resolve(path_or_id)
     check_layout(root)
     raw = read_json(root / "config.json")
+    root_record = PartRecord(files={"config.json": (root / "config.json").read_bytes()})
     sub = {part: read_json(root / part / "config.json") for part in PARTS}
     pre_path = root / "vision_tower" / "preprocessor_config.json"
     pre = read_json(pre_path) if pre_path.is_file() else None
@@ -297,7 +300,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot parse a sub-folder config in {root}: {e}") from e
     vcfg._attn_implementation = lcfg._attn_implementation = "sdpa"
-    records: dict[str, PartRecord] = {}
+    records: dict[str, PartRecord] = {"": root_record}
     vision_model = _build(classes[arch], vcfg, dtype)
     records["vision_tower"] = load_weights(vision_model, root / "vision_tower", "vision_tower")
     projector = _build(lambda c: Projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm_hidden_size), None, dtype)
@@ -381,7 +384,9 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
     tmp = atomic_dir(out)
     try:
         model = ckpt.model
-        (tmp / "config.json").write_text(json.dumps(model.cfg.raw, indent=2) + "\n")
+        original = ckpt.records.get("", PartRecord()).files.get("config.json")
+        unchanged = original is not None and json.loads(original) == model.cfg.raw
+        (tmp / "config.json").write_bytes(original if unchanged else (json.dumps(model.cfg.raw, indent=2) + "\n").encode())
         modules = {"llm": model.llm, "vision_tower": model.vision.model, "mm_projector": model.projector}
         for part, module in modules.items():
             record = ckpt.records[part]

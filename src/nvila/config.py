@@ -118,11 +118,11 @@ class NvilaConfig:
                 f"image_aspect_ratio={aspect!r} is not supported; NVILA checkpoints use 'dynamic_s2' "
                 "(with dynamic_s2: true), 'dynamic' or 'resize'"
             )
-        tile = int(_require(vision, "image_size", "vision_tower/config.json"))
+        tile = _int(_require(vision, "image_size", "vision_tower/config.json"), "image_size")
         scales: tuple[int, ...] = ()
         if mode == "dynamic_s2":
             scales = parse_scales(_require(raw, "s2_scales", "config.json"))
-            idx = int(raw.get("s2_resize_output_to_scale_idx", -1))
+            idx = _int(raw.get("s2_resize_output_to_scale_idx", -1), "s2_resize_output_to_scale_idx")
             if idx not in (-1, len(scales) - 1):
                 raise ConfigError(f"s2_resize_output_to_scale_idx={idx} is not supported (only -1, the last scale)")
             # The reference forces the processor size to the first scale for S2 models.
@@ -133,19 +133,19 @@ class NvilaConfig:
         cfg = cls(
             image_mode=mode,
             tile_size=tile,
-            patch_size=int(_require(vision, "patch_size", "vision_tower/config.json")),
+            patch_size=_int(_require(vision, "patch_size", "vision_tower/config.json"), "patch_size"),
             projector_type=str(proj_type),
-            mm_hidden_size=int(_require(raw, "mm_hidden_size", "config.json")),
-            llm_hidden_size=int(_require(llm, "hidden_size", "llm/config.json")),
+            mm_hidden_size=_int(_require(raw, "mm_hidden_size", "config.json"), "mm_hidden_size"),
+            llm_hidden_size=_int(_require(llm, "hidden_size", "llm/config.json"), "hidden_size"),
             s2_scales=scales,
-            min_tiles=int(raw.get("min_tiles", DEFAULT_MIN_TILES)),
-            max_tiles=int(raw.get("max_tiles", DEFAULT_MAX_TILES)),
-            select_layer=int(raw.get("mm_vision_select_layer", -2)),
+            min_tiles=_int(raw.get("min_tiles", DEFAULT_MIN_TILES), "min_tiles"),
+            max_tiles=_int(raw.get("max_tiles", DEFAULT_MAX_TILES), "max_tiles"),
+            select_layer=_int(raw.get("mm_vision_select_layer", -2), "mm_vision_select_layer"),
             select_feature=_select_feature(raw.get("mm_vision_select_feature", "cls_patch")),
-            num_video_frames=int(raw.get("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES)),
+            num_video_frames=_int(raw.get("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES), "num_video_frames"),
             video_encoder=parse_video_encoder(raw.get("video_encoder")),
-            num_time_tokens=int(raw.get("num_time_tokens", 0) or 0),
-            model_max_length=int(llm_max),
+            num_time_tokens=_int(raw.get("num_time_tokens", 0) or 0, "num_time_tokens"),
+            model_max_length=_int(llm_max, "model_max_length"),
             image_mean=_triple(pre.get("image_mean", (0.5, 0.5, 0.5)), "image_mean"),
             image_std=_triple(pre.get("image_std", (0.5, 0.5, 0.5)), "image_std"),
             rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
@@ -240,6 +240,19 @@ def _triple(value: Any, name: str) -> tuple[float, float, float]:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"preprocessor_config.json {name} {value!r} must be three numbers") from e
     return (a, b, c)
+
+
+def _int(value: Any, name: str) -> int:
+    """An integer config value; anything else (text, fractions, booleans) is a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"config value {name}={value!r} must be an integer")
+    try:
+        number = float(value)
+    except ValueError as e:
+        raise ConfigError(f"config value {name}={value!r} must be an integer") from e
+    if not number.is_integer():
+        raise ConfigError(f"config value {name}={value!r} must be an integer")
+    return int(number)
 
 
 def _require(d: dict[str, Any], key: str, where: str) -> Any:

@@ -7,6 +7,7 @@ through the KV cache. A batch is left-padded, with explicit position ids so padd
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -27,6 +28,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise PromptError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -40,13 +40,14 @@ def merge_scales(tiles: torch.Tensor, scale_factors: list[int], block: tuple[int
         (rows*cols, G*G, C * (len(scale_factors) + 1)) chunks for the projector.
     """
     rows, cols = block
+    expected = sum(k * k for k in scale_factors) + rows * cols
+    if tiles.shape[0] != expected:
+        raise ValueError(f"S2 merge got {tiles.shape[0]} tiles, expected {expected}")
     maps, start = [], 0
     for k in scale_factors:
         maps.append(stitch(tiles[start : start + k * k], k, k))
         start += k * k
     maps.append(stitch(tiles[start : start + rows * cols], rows, cols))
-    if start + rows * cols != tiles.shape[0]:
-        raise ValueError(f"S2 merge got {tiles.shape[0]} tiles, expected {start + rows * cols}")
     out_hw = maps[-1].shape[1:]
     resized = [
         F.interpolate(m[None].float(), size=out_hw, mode="area")[0].to(m.dtype) if m.shape[1:] != out_hw else m

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nvila.errors import ConfigError
+
 
 class VisionTower(nn.Module):
     """Wraps ``SiglipVisionModel`` (or any model with ``embeddings`` + ``encoder.layers``)."""
@@ -21,7 +23,9 @@ class VisionTower(nn.Module):
         # hidden_states has num_layers + 1 entries (embeddings first); index -> layers to run.
         index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
         if not 0 <= index <= num_layers:
-            raise ValueError(f"select_layer {select_layer} is out of range for {num_layers} layers")
+            raise ConfigError(
+                f"mm_vision_select_layer={select_layer} is out of range for a vision tower with {num_layers} layers"
+            )
         self.layers_to_run = index
         self.drop_first_token = select_feature == "patch"
 

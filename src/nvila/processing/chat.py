@@ -12,8 +12,11 @@ the ChatML template adds the default system prompt "You are a helpful assistant"
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from PIL import Image
 
 from nvila.errors import PromptError
 
@@ -83,8 +86,11 @@ def _parts(content: Any, i: int, role: str, counter: list[int]) -> list[dict[str
         elif kind in ("image", "video"):
             if role != "user":
                 raise PromptError(f"message {i}: {kind} parts are only allowed in user messages")
-            if part.get(kind) is None:
-                raise PromptError(f"message {i}: a {kind} part needs a {kind!r} entry (path, bytes or image)")
+            allowed = (str, os.PathLike, bytes, bytearray) + ((Image.Image,) if kind == "image" else ())
+            if not isinstance(part.get(kind), allowed):
+                what = "a path, bytes or a PIL image" if kind == "image" else "a path or bytes"
+                raise PromptError(f"message {i}: a {kind} part needs a {kind!r} entry that is {what}, "
+                                  f"got {type(part.get(kind)).__name__}")
         else:
             raise PromptError(f"message {i}: unknown content part {part!r} (types: text, image, video)")
         part = dict(part)  # never mutate the caller's dicts

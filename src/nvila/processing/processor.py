@@ -117,8 +117,8 @@ class Processor:
     def _video(
         self, source: Any, num_frames: int | None, fps: float | None, max_frames: int | None
     ) -> MediaItem:
-        n = int(num_frames or self.cfg.num_video_frames)
-        if n < 1:
+        n = self.cfg.num_video_frames if num_frames is None else num_frames
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise PromptError(f"num_frames must be >= 1, got {n}")
         multiple = self.cfg.video_encoder.frame_multiple
         if fps and multiple > 1:
