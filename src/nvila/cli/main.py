@@ -186,6 +186,144 @@ def random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench ---------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--media", nargs="+", default=[], metavar="FILE", help="media (default: a synthetic image)")
+    p.add_argument("--image-size", type=int, default=448, help="side of the synthetic image (default 448)")
+    p.add_argument("--frames", type=int, default=None, help="use a synthetic video of N frames instead")
+    p.add_argument("--text", default="Describe this in detail.")
+    p.add_argument("--setup", default="fp32", help="setup to measure (default fp32); see --compare")
+    p.add_argument("--compare", default=None, metavar="A,B", help="measure setups side by side, e.g. fp32,bf16")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the medians as JSON")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots")
+    p.add_argument("--sweep", default=None, metavar="V1,V2,..",
+                   help="also measure time to first token vs image sizes (or frame counts with --frames)")
+
+
+@command("bench", "measure stage timings, decode speed and memory", _bench_args)
+def bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from nvila import bench as B
+    from nvila.api import load
+    from nvila.errors import ConfigError
+
+    names = args.compare.split(",") if args.compare else [args.setup]
+    unknown = [n for n in names if n not in B.SETUPS]
+    if unknown:
+        raise ConfigError(f"unknown setup(s) {unknown}; known: {sorted(B.SETUPS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        def messages_for(value: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            if args.media:
+                parts, opts = [media_part(m) for m in args.media], {}
+            elif args.frames:
+                n = value or args.frames
+                parts, opts = [{"type": "video", "video": synthetic_frames(Path(tmp) / f"v{n}", n)}], {"num_frames": n}
+            else:
+                size = value or args.image_size
+                parts, opts = [{"type": "image", "image": synthetic_image(Path(tmp) / f"i{size}.png", size)}], {}
+            return [{"role": "user", "content": parts + [{"type": "text", "text": args.text}]}], opts
+
+        messages, opts = messages_for(None)
+        results = []
+        with _progress() as step:
+            for name in names:
+                kw = B.SETUPS[name]
+                results.append(B.bench_setup(name, lambda: load(args.model, device=args.device, **kw), messages,
+                                             runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens,
+                                             media_options=opts, on_step=step))
+            sweep = {}
+            if args.sweep:
+                label = "frames" if args.frames else "image size"
+                points = []
+                for v in [int(x) for x in args.sweep.split(",")]:
+                    msgs, o = messages_for(v)
+                    r = B.bench_setup(f"{names[-1]}@{v}", lambda: load(args.model, device=args.device,
+                                                                        **B.SETUPS[names[-1]]),
+                                      msgs, runs=args.runs, warmup=args.warmup, new_tokens=1, media_options=o,
+                                      on_step=step)
+                    points.append((v, r.ttft_s))
+                sweep[label] = points
+    print_bench(results)
+    if args.json:
+        B.write_json(args.json, results)
+    if args.plot:
+        for path in B.plot(results, args.plot, sweep):
+            print(f"wrote {path}")
+    return 0
+
+
+def synthetic_image(path: Path, size: int) -> str:
+    """A deterministic colourful test image (gradients + shapes) of size x size."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    arr = np.stack([(x * 255 // size), (y * 255 // size), ((x + y) * 127 // size)], -1).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def synthetic_frames(folder: Path, n: int) -> str:
+    """A folder of ``n`` small synthetic frames (a square moving across a gradient)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = np.zeros((144, 176, 3), np.uint8)
+        arr[..., 0] = np.linspace(0, 255, 176, dtype=np.uint8)
+        c = int(i * 150 / max(n - 1, 1))
+        arr[50:80, c : c + 26] = (255, 255, 0)
+        Image.fromarray(arr).save(folder / f"{i:05d}.png")
+    return str(folder)
+
+
+def _progress():
+    """Context manager yielding a callback that shows the current benchmark step."""
+    from contextlib import contextmanager
+
+    from rich.console import Console
+
+    @contextmanager
+    def run():
+        console = Console(stderr=True)
+        with console.status("benchmarking") as status:
+            yield lambda text: status.update(f"benchmarking: {text}")
+
+    return run()
+
+
+def print_bench(results: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from nvila.bench import ratios
+
+    table = Table(title="nvila bench (medians)")
+    rows = [("preprocess (s)", "preprocess_s", "{:.3f}"), ("vision tower (s)", "vision_s", "{:.3f}"),
+            ("projector+fusion (s)", "projector_s", "{:.3f}"), ("LLM prefill (s)", "prefill_s", "{:.3f}"),
+            ("time to first token (s)", "ttft_s", "{:.3f}"), ("decode tokens/s", "decode_tokens_per_s", "{:.2f}"),
+            ("decode weight GB/s", "decode_gb_per_s", "{:.1f}"), ("peak RSS (GiB)", "peak_rss_bytes", "gib"),
+            ("weights (GiB)", "weight_bytes", "gib"), ("visual tokens", "num_visual_tokens", "{}"),
+            ("prompt length", "prompt_length", "{}"), ("load (s)", "load_s", "{:.1f}")]
+    table.add_column("metric")
+    for r in results:
+        table.add_column(r.label, justify="right")
+    for name, key, fmt in rows:
+        vals = [getattr(r, key) for r in results]
+        table.add_row(name, *[f"{v / 2**30:.2f}" if fmt == "gib" else fmt.format(v) for v in vals])
+    Console().print(table)
+    for r in results[1:]:
+        rat = ratios(results[0], r)
+        print(f"{r.label} vs {results[0].label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from nvila import __version__

@@ -84,11 +84,16 @@ class NvilaModel(nn.Module):
         T = tokens.shape[0]
         return torch.cat([tokens.to(end.device), end.expand(T, -1, -1)], dim=1).flatten(0, 1)
 
-    def embed_media(self, media: Sequence[MediaItem]) -> list[torch.Tensor]:
-        """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D)."""
+    def embed_media(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D).
+
+        ``feats`` are the ViT tokens of all media tiles when already computed (benchmarks time the
+        vision tower separately).
+        """
         if not media:
             return []
-        feats = self.encode_tiles(torch.cat([m.pixels for m in media]))
+        if feats is None:
+            feats = self.encode_tiles(torch.cat([m.pixels for m in media]))
         blocks: list[torch.Tensor] = []
         start = 0
         for item in media:

@@ -1,0 +1,219 @@
+"""``nvila bench``: stage timings, decode speed and memory, measured side by side in one process.
+
+Every number is a median over ``runs`` repetitions after ``warmup`` untimed ones. Setups (``fp32``, ``bf16``,
+``fast``) are run one after the other in the same process; each loads its own model after the previous
+one is freed, and its peak RSS is measured from a reset high-water mark (Linux ``/proc/self/clear_refs``).
+Decode speed is measured over a fixed number of steps that ignore stop tokens, so random checkpoints
+give comparable numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nvila.errors import ConfigError
+from nvila.generate import decode_step, left_pad, prefill
+
+# setup name -> keyword arguments of nvila.load
+SETUPS: dict[str, dict[str, Any]] = {
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+}
+
+
+@dataclass
+class BenchResult:
+    """Medians of one setup (seconds unless stated)."""
+
+    label: str
+    preprocess_s: float
+    vision_s: float
+    projector_s: float
+    prefill_s: float
+    ttft_s: float
+    decode_tokens_per_s: float
+    decode_gb_per_s: float           # LLM weight bytes streamed per second while decoding
+    peak_rss_bytes: int
+    weight_bytes: int
+    num_visual_tokens: int
+    prompt_length: int
+    load_s: float
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak then covers the whole process
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _decode_weight_bytes(llm: torch.nn.Module) -> int:
+    """Bytes of LLM weights read per decoded token (the input embedding table is only gathered)."""
+    emb = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings()
+    total = sum(p.numel() * p.element_size() for p in llm.parameters() if p is not emb)
+    if head is not None and head.weight is emb:
+        total += emb.numel() * emb.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_once(pipe: Any, messages: Any, new_tokens: int, media_options: dict[str, Any]) -> dict[str, float]:
+    """One timed pass: prepare -> vision -> projector+fusion -> prefill -> ``new_tokens`` decode steps."""
+    model, dev = pipe.model, pipe.model.device
+    t0 = time.perf_counter()
+    prompt = pipe.prepare(messages, **media_options)
+    t1 = time.perf_counter()
+    feats = model.encode_tiles(torch.cat([m.pixels for m in prompt.media])) if prompt.media else None
+    _sync(dev)
+    t2 = time.perf_counter()
+    x = model.fuse(prompt.input_ids, model.embed_media(prompt.media, feats))
+    _sync(dev)
+    t3 = time.perf_counter()
+    x, mask, pos = left_pad([x])
+    logits, cache = prefill(model.llm, x, mask, pos)
+    token = logits.argmax(-1)
+    _sync(dev)
+    t4 = time.perf_counter()
+    pos = pos[:, -1]
+    for _ in range(new_tokens):
+        pos = pos + 1
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        logits, cache = decode_step(model.llm, token, cache, mask, pos)
+        token = logits.argmax(-1)
+    _sync(dev)
+    t5 = time.perf_counter()
+    return {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "projector_s": t3 - t2, "prefill_s": t4 - t3,
+            "ttft_s": t4 - t0, "decode_tokens_per_s": new_tokens / (t5 - t4)}
+
+
+def bench_setup(
+    label: str,
+    load: Callable[[], Any],
+    messages: Any,
+    *,
+    runs: int = 3,
+    warmup: int = 1,
+    new_tokens: int = 32,
+    media_options: dict[str, Any] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Load a model with ``load()`` and measure it; the model is freed before returning."""
+    if runs < 1 or warmup < 0 or new_tokens < 1:
+        raise ConfigError("need runs >= 1, warmup >= 0 and new_tokens >= 1")
+    gc.collect()
+    _reset_peak_rss()
+    t = time.perf_counter()
+    pipe = load()
+    load_s = time.perf_counter() - t
+    samples = []
+    for i in range(warmup + runs):
+        if on_step:
+            on_step(f"{label}: {'warm-up' if i < warmup else 'run'} {i + 1 - (warmup if i >= warmup else 0)}")
+        sample = time_once(pipe, messages, new_tokens, media_options or {})
+        if i >= warmup:
+            samples.append(sample)
+    prompt = pipe.prepare(messages, **(media_options or {}))
+    med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+    weight_bytes = _decode_weight_bytes(pipe.model.llm)
+    all_bytes = sum(p.numel() * p.element_size() for p in pipe.model.parameters())
+    result = BenchResult(
+        label=label, **med, decode_gb_per_s=weight_bytes * med["decode_tokens_per_s"] / 1e9,
+        peak_rss_bytes=_peak_rss(), weight_bytes=all_bytes, num_visual_tokens=prompt.num_media_embeddings,
+        prompt_length=prompt.fused_length, load_s=load_s,
+    )
+    del pipe, prompt
+    gc.collect()
+    return result
+
+
+RATIO_KEYS = ("ttft_s", "vision_s", "prefill_s", "decode_tokens_per_s", "peak_rss_bytes")
+
+
+def ratios(base: BenchResult, other: BenchResult) -> dict[str, float]:
+    """Speed-ups of ``other`` over ``base`` (>1 = faster / smaller)."""
+    out = {}
+    for key in RATIO_KEYS:
+        a, b = getattr(base, key), getattr(other, key)
+        if a and b:
+            out[key] = (b / a) if key == "decode_tokens_per_s" else (a / b)
+    return out
+
+
+def write_json(path: str | Path, results: Sequence[BenchResult]) -> None:
+    """Medians of the first setup at the top level, every setup under ``setups``, ratios if compared."""
+    data: dict[str, Any] = dict(asdict(results[0]))
+    data["setups"] = {r.label: asdict(r) for r in results}
+    if len(results) > 1:
+        data["ratios"] = {f"{r.label}_vs_{results[0].label}": ratios(results[0], r) for r in results[1:]}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def plot(results: Sequence[BenchResult], out_dir: str | Path, sweep: dict[str, list[tuple[float, float]]] | None = None) -> list[Path]:
+    """PNG plots: stage breakdown per setup, decode tokens/s per setup, latency vs sweep values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    stages = ("preprocess_s", "vision_s", "projector_s", "prefill_s")
+    labels = [r.label for r in results]
+    left = [0.0] * len(results)
+    for stage in stages:
+        vals = [getattr(r, stage) for r in results]
+        ax.barh(labels, vals, left=left, label=stage.removesuffix("_s"))
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("seconds to first token")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Time to first token by stage")
+    fig.tight_layout()
+    paths.append(out / "stages.png")
+    fig.savefig(paths[-1], dpi=110)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(labels, [r.decode_tokens_per_s for r in results], color="tab:green")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Decode speed")
+    fig.tight_layout()
+    paths.append(out / "decode.png")
+    fig.savefig(paths[-1], dpi=110)
+    for name, points in (sweep or {}).items():
+        fig, ax = plt.subplots(figsize=(5, 3))
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o")
+        ax.set_xlabel(name)
+        ax.set_ylabel("time to first token (s)")
+        ax.set_title(f"Latency vs {name}")
+        fig.tight_layout()
+        paths.append(out / f"latency_vs_{name.replace(' ', '_')}.png")
+        fig.savefig(paths[-1], dpi=110)
+    plt.close("all")
+    return paths
