@@ -81,3 +81,4 @@ def test_errors_are_one_line_without_traceback(args: list[str], message: str) ->
     assert res.stderr.startswith("error: ")
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+

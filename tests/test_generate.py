@@ -30,8 +30,7 @@ def _messages(case: str) -> list[dict]:
 
 
 # ---- KV cache == full forward -----------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["nvila/img_china_800x600", "nvila-lite/img_hopper_gray_320x480",
-                                  "nvila-video/video_avi"])
+@pytest.mark.parametrize("case", ["nvila/img_china_800x600", "nvila-lite/img_hopper_gray_320x480"])
 def test_kv_cache_decoding_equals_full_forwards(case: str) -> None:
     n = 12
     pipe = fixture_pipeline(case.split("/")[0])
@@ -234,9 +233,11 @@ def test_real_stop_token_is_im_end() -> None:
     assert pipe.checkpoint.stop_token_ids == _ref("nvila/text_only")["model"]["stop_token_ids"]
 
 
-@pytest.mark.parametrize("stop", ["conditions", "lyut", "ITE pain", '"""'])
+# tokens of the case's greedy answer: 'target', ' him', 'acc', ' ren', ' Direct', 'iving', ' >\n', 'ape', ' grid',
+# '\ufffd' (a lone byte), 'Al', ' pointer', ...: stops inside one token, across tokens and after a broken byte
+@pytest.mark.parametrize("stop", ["him", "ren Dir", "ivi", "Al p"])
 def test_stop_string_truncates_text(stop: str) -> None:
-    case = "nvila/img_china_800x600"
+    case = "nvila/text_only"
     pipe = fixture_pipeline("nvila")
     response = _ref(case)["generation"]["response"]
     assert stop in response
@@ -248,7 +249,7 @@ def test_stop_string_truncates_text(stop: str) -> None:
 
 
 def test_stop_string_not_in_output_changes_nothing() -> None:
-    case = "nvila/img_china_800x600"
+    case = "nvila/text_only"
     pipe = fixture_pipeline("nvila")
     out = pipe.generate(_messages(case), max_new_tokens=16, stop=["zzzz-not-there"])
     assert out.text == _ref(case)["generation"]["response"] and out.finish_reason == "length"
@@ -306,7 +307,7 @@ def test_text_stream_skips_special_tokens() -> None:
 # ---- limits -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 5])
 def test_max_new_tokens_respected(n: int) -> None:
-    case = "nvila-video/img_china_800x600"
+    case = "nvila-video/img_hopper_64x64"
     pipe = fixture_pipeline("nvila-video")
     out = pipe.generate(_messages(case), max_new_tokens=n)
     assert out.output_token_ids == _ref(case)["generation"]["output_ids"][:n]

@@ -12,6 +12,7 @@ decoding) is defined once::
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -85,6 +86,10 @@ class Pipeline:
         self.tokenizer = checkpoint.tokenizer
         self.config = checkpoint.model.cfg
         self.processor = Processor(self.config, self.tokenizer, checkpoint.chat_template)
+        # Encoded media by (content key, plan): a conversation re-sends earlier images every turn, and
+        # the vision tower is the most expensive stage, so each is encoded once.
+        self.media_cache: OrderedDict[Any, list[torch.Tensor]] = OrderedDict()
+        self.media_cache_size = 16
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self, messages: str | Sequence[Any], **media_options: Any) -> Prompt:
@@ -96,8 +101,23 @@ class Pipeline:
 
     @torch.inference_mode()
     def embed(self, prompt: Prompt) -> torch.Tensor:
-        """(L_fused, D) input embeddings of a prepared prompt."""
-        return self.model.embed_prompt(prompt.input_ids, prompt.media)
+        """(L_fused, D) input embeddings of a prepared prompt (media encodings are cached by content)."""
+        keys = [(m.key, m.plan) if m.key is not None else None for m in prompt.media]
+        missing = [m for m, k in zip(prompt.media, keys) if k is None or k not in self.media_cache]
+        fresh = iter(self.model.embed_media(missing))
+        blocks: list[torch.Tensor] = []
+        for item, key in zip(prompt.media, keys):
+            if key is not None and key in self.media_cache:
+                self.media_cache.move_to_end(key)
+                item_blocks = self.media_cache[key]
+            else:
+                item_blocks = [next(fresh) for _ in range(item.placeholders)]
+                if key is not None:
+                    self.media_cache[key] = item_blocks
+                    while len(self.media_cache) > self.media_cache_size:
+                        self.media_cache.popitem(last=False)
+            blocks += item_blocks
+        return self.model.fuse(prompt.input_ids, blocks)
 
     @torch.inference_mode()
     def next_token_logits(self, messages: str | Sequence[Any], **media_options: Any) -> torch.Tensor:

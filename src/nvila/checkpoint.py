@@ -32,6 +32,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".p
 # Official key prefix of each part's tensors -> prefix inside our module.
 KEY_PREFIX = {"vision_tower": ("vision_model.", ""), "mm_projector": ("", ""), "llm": ("", "")}
 MAX_SHARD_BYTES = 5 * 1024**3
+REOPEN_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -154,15 +155,29 @@ def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
         _raise_mismatch(folder, part, missing, unexpected, bad_shapes)
         with torch.no_grad():
             for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    for name, (src, key) in where.items():
-                        if src == file:
-                            t = f.get_tensor(key)
-                            record.dtypes[key] = t.dtype
-                            expected[name].copy_(t)
+                _copy_from(file, [(n, k) for n, (src, k) in where.items() if src == file], expected, record)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"weights in {folder} are not readable safetensors: {e}") from e
     return record
+
+
+def _copy_from(file: Path, items: list[tuple[str, str]], params: dict[str, torch.Tensor], record: PartRecord) -> None:
+    """Copy tensors out of one safetensors file.
+
+    The file is memory-mapped, and mapped pages count towards the process's resident memory until the
+    mapping closes; reopening it every ``REOPEN_BYTES`` keeps peak RSS near the model's own size.
+    """
+    done = 0
+    while done < len(items):
+        copied = 0
+        with safe_open(str(file), framework="pt") as f:
+            while done < len(items) and copied < REOPEN_BYTES:
+                name, key = items[done]
+                t = f.get_tensor(key)
+                record.dtypes[key] = t.dtype
+                params[name].copy_(t)
+                copied += t.numel() * t.element_size()
+                done += 1
 
 
 def _is_tied(module: nn.Module, key: str) -> bool:

@@ -151,9 +151,12 @@ class Processor:
 
 
 def _media_key(source: Any) -> str | None:
-    """A cheap identity for a media source (path + mtime + size); None when not cacheable."""
+    """A cheap identity for a media source (path + mtime + size, or a hash of bytes); None otherwise."""
+    import hashlib
     import os
 
+    if isinstance(source, (bytes, bytearray)):
+        return "sha1:" + hashlib.sha1(source).hexdigest()
     if isinstance(source, (str, os.PathLike)):
         try:
             st = os.stat(source)
