@@ -40,7 +40,8 @@ def test_infer_json_matches_reference(capsys) -> None:
 
 def test_infer_video_folder_stream(capsys) -> None:
     ref = json.loads((OUTPUTS / "nvila-video" / "video_frames_dir.json").read_text())
-    rc = main(["infer", "--model", str(CHECKPOINTS / "nvila-video"), "--media", str(MEDIA / "clip_frames_24"),
+    rc = main(["infer", "--model", str(CHECKPOINTS / "nvila-video"), "--dtype", "float32",
+               "--media", str(MEDIA / "clip_frames_24"),
                "--text", "Describe the motion in this clip.", "--max-new-tokens", "16", "--stream"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == ref["generation"]["response"]

@@ -55,13 +55,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto" -> bfloat16 on CUDA, float32 on CPU."""
+    """``None``/"auto" -> bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ConfigError(f"dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from nvila.model.fast import cpu_has_native_bf16
+
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[dtype]
@@ -71,10 +74,23 @@ def load(
     path_or_id: str | os.PathLike,
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
+    fast: bool | None = None,
 ) -> "Pipeline":
-    """Load an NVILA checkpoint (local folder in the official layout, or a Hugging Face Hub id)."""
+    """Load an NVILA checkpoint (local folder in the official layout, or a Hugging Face Hub id).
+
+    ``dtype="auto"`` picks bfloat16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX CPUs)
+    and float32 otherwise; pass ``dtype="float32"`` for bit-level parity with the reference.
+    ``fast`` (default: on for bfloat16 on CPU) swaps the LLM's linears for the measured-faster
+    single-token decode kernel; results are the same up to bf16 rounding.
+    """
     dev = resolve_device(device)
-    return Pipeline(load_checkpoint(path_or_id, dtype=resolve_dtype(dtype, dev), device=str(dev)))
+    dt = resolve_dtype(dtype, dev)
+    ckpt = load_checkpoint(path_or_id, dtype=dt, device=str(dev))
+    if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
+        from nvila.model.fast import use_decode_linear
+
+        use_decode_linear(ckpt.model.llm)
+    return Pipeline(ckpt)
 
 
 class Pipeline:

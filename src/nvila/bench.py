@@ -24,8 +24,9 @@ from nvila.generate import decode_step, left_pad, prefill
 
 # setup name -> keyword arguments of nvila.load
 SETUPS: dict[str, dict[str, Any]] = {
-    "fp32": {"dtype": "float32"},
-    "bf16": {"dtype": "bfloat16"},
+    "fp32": {"dtype": "float32", "fast": False},        # the reference's arithmetic, eager
+    "bf16": {"dtype": "bfloat16", "fast": False},       # plain bf16, eager
+    "fast": {"dtype": "bfloat16", "fast": True},        # our CPU fast path (bf16 + decode kernels)
 }
 
 
@@ -152,6 +153,18 @@ def bench_setup(
     return result
 
 
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: median time to sum a ``gib`` GiB float32 tensor (all threads)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times)
+
+
 RATIO_KEYS = ("ttft_s", "vision_s", "prefill_s", "decode_tokens_per_s", "peak_rss_bytes")
 
 
@@ -165,9 +178,10 @@ def ratios(base: BenchResult, other: BenchResult) -> dict[str, float]:
     return out
 
 
-def write_json(path: str | Path, results: Sequence[BenchResult]) -> None:
+def write_json(path: str | Path, results: Sequence[BenchResult], extra: dict[str, Any] | None = None) -> None:
     """Medians of the first setup at the top level, every setup under ``setups``, ratios if compared."""
     data: dict[str, Any] = dict(asdict(results[0]))
+    data.update(extra or {})
     data["setups"] = {r.label: asdict(r) for r in results}
     if len(results) > 1:
         data["ratios"] = {f"{r.label}_vs_{results[0].label}": ratios(results[0], r) for r in results[1:]}

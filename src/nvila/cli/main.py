@@ -194,8 +194,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=448, help="side of the synthetic image (default 448)")
     p.add_argument("--frames", type=int, default=None, help="use a synthetic video of N frames instead")
     p.add_argument("--text", default="Describe this in detail.")
-    p.add_argument("--setup", default="fp32", help="setup to measure (default fp32); see --compare")
-    p.add_argument("--compare", default=None, metavar="A,B", help="measure setups side by side, e.g. fp32,bf16")
+    p.add_argument("--setup", default="fast", help="setup to measure: fp32 | bf16 | fast (default fast)")
+    p.add_argument("--compare", default=None, metavar="A,B", help="measure setups side by side, e.g. fp32,fast")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -249,9 +249,10 @@ def bench(args: argparse.Namespace) -> int:
                                       on_step=step)
                     points.append((v, r.ttft_s))
                 sweep[label] = points
-    print_bench(results)
+    bandwidth = B.measure_read_bandwidth()
+    print_bench(results, bandwidth)
     if args.json:
-        B.write_json(args.json, results)
+        B.write_json(args.json, results, {"read_bandwidth_bytes_per_s": bandwidth})
     if args.plot:
         for path in B.plot(results, args.plot, sweep):
             print(f"wrote {path}")
@@ -299,7 +300,7 @@ def _progress():
     return run()
 
 
-def print_bench(results: list) -> None:
+def print_bench(results: list, bandwidth: float | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -319,6 +320,10 @@ def print_bench(results: list) -> None:
         vals = [getattr(r, key) for r in results]
         table.add_row(name, *[f"{v / 2**30:.2f}" if fmt == "gib" else fmt.format(v) for v in vals])
     Console().print(table)
+    if bandwidth:
+        print(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s; decode streams "
+              + ", ".join(f"{r.label} {100 * r.decode_gb_per_s * 1e9 / bandwidth:.0f}%" for r in results)
+              + " of it")
     for r in results[1:]:
         rat = ratios(results[0], r)
         print(f"{r.label} vs {results[0].label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))

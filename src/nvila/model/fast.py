@@ -1,0 +1,50 @@
+"""CPU fast path: kernels chosen by measurement on AVX512-BF16 machines (see README, Performance).
+
+Measured on the 2-core reference machine with bf16 weights larger than the caches (LLM shapes of
+NVILA-Lite-2B): ``F.linear`` with one input row streams 17-21 GB/s of weights, ``torch.mv`` 26-28 GB/s;
+with two or more rows ``F.linear`` wins again. Decoding one sequence is all single-row products, so the
+LLM's linears are swapped for :class:`DecodeLinear`, which takes the matrix-vector kernel for one row
+and ``F.linear`` otherwise. Parameter names and values are unchanged (a module swap, not a conversion).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` that uses ``torch.mv`` for a single bf16 row on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch.mv(self.weight, x.reshape(-1))                 # (out,)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_decode_linear(module: nn.Module) -> int:
+    """Swap every plain ``nn.Linear`` inside ``module`` for :class:`DecodeLinear` in place.
+
+    The swapped modules keep their Parameters (and so tied weights stay tied). Returns the count.
+    """
+    count = 0
+    for sub in module.modules():
+        if type(sub) is nn.Linear:
+            sub.__class__ = DecodeLinear  # same fields, different forward: parameters are untouched
+            count += 1
+    return count
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

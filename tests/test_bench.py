@@ -1,0 +1,58 @@
+"""`nvila bench` plumbing on a fixture checkpoint (its speed is what the benchmark measures, not tested)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CHECKPOINTS, MEDIA, OUTPUTS
+from nvila.bench import SETUPS, BenchResult, ratios
+from nvila.cli.main import main
+from nvila.errors import NvilaError
+
+
+def test_bench_cli_json_and_plots(tmp_path, capsys) -> None:
+    ref = json.loads((OUTPUTS / "nvila" / "img_china_800x600.json").read_text())
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(CHECKPOINTS / "nvila"), "--media", str(MEDIA / "china_800x600.png"),
+               "--text", ref["inputs"]["prompt"], "--compare", "fp32,fast", "--runs", "2", "--warmup", "0", "--new-tokens", "2",
+               "--json", str(out), "--plot", str(tmp_path / "plots")])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    for key in ("ttft_s", "vision_s", "prefill_s", "decode_tokens_per_s", "peak_rss_bytes", "num_visual_tokens"):
+        assert key in data and data[key] > 0
+    assert data["num_visual_tokens"] == ref["num_visual_tokens"]
+    assert data["prompt_length"] == ref["prefill"]["seq_len"]
+    assert set(data["setups"]) == {"fp32", "fast"}
+    assert set(data["ratios"]["fast_vs_fp32"]) >= {"ttft_s", "decode_tokens_per_s"}
+    assert data["read_bandwidth_bytes_per_s"] > 1e8
+    assert data["ttft_s"] >= data["prefill_s"] + data["vision_s"]
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"stages.png", "decode.png"}
+    assert "time to first token" in capsys.readouterr().out
+
+
+def test_bench_video_sweep(tmp_path) -> None:
+    rc = main(["bench", "--model", str(CHECKPOINTS / "nvila-video"), "--frames", "8", "--runs", "1",
+               "--warmup", "0", "--new-tokens", "1", "--sweep", "8,16", "--plot", str(tmp_path),
+               "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    assert json.loads((tmp_path / "b.json").read_text())["num_visual_tokens"] == 50  # 8 frames -> 1 pooled x 50
+    assert (tmp_path / "latency_vs_frames.png").is_file()
+
+
+def test_ratios_direction() -> None:
+    base = BenchResult("a", 0, 2.0, 0, 1.0, 4.0, 2.0, 0, 100, 1, 1, 1, 0)
+    fast = BenchResult("b", 0, 1.0, 0, 0.5, 2.0, 6.0, 0, 50, 1, 1, 1, 0)
+    r = ratios(base, fast)
+    assert r["ttft_s"] == 2.0 and r["decode_tokens_per_s"] == 3.0 and r["peak_rss_bytes"] == 2.0
+
+
+def test_unknown_setup_is_an_error(capsys) -> None:
+    assert {"fp32", "bf16", "fast"} <= set(SETUPS)
+    assert main(["bench", "--model", str(CHECKPOINTS / "nvila"), "--compare", "fp32,turbo"]) == 2
+    assert "unknown setup" in capsys.readouterr().err
+    with pytest.raises(NvilaError, match="runs >= 1"):
+        from nvila.bench import bench_setup
+
+        bench_setup("x", lambda: None, "hi", runs=0)
