@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 FIXTURE := tests/fixtures/official
 DEMO_MODEL ?= $(FIXTURE)/checkpoints/nvila-lite
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench bench-large clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,24 @@ demo: $(STAMP)
 		--text "What is shown in this picture?" --max-new-tokens 24 --json
 	$(VENV)/bin/nvila infer --model $(FIXTURE)/checkpoints/nvila-video --media $(FIXTURE)/media/clip_24f_12fps_176x144.avi \
 		--text "Describe the motion in this clip." --max-new-tokens 24 --stream
+
+BENCH_DIR ?= .cache/bench
+NVILA     := $(VENV)/bin/nvila
+
+# Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our fast path.
+bench: $(STAMP)
+	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
+	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --runs 3 --warmup 1 --new-tokens 32 \
+		--json docs/perf/nvila-lite-2b.json --plot docs/perf/nvila-lite-2b --sweep 448,896,1344
+
+# NVILA-8B (Dynamic-S2, 896x896 image) and NVILA-8B-Video (64 frames): 16 GB checkpoints each, ~20 GB RAM.
+bench-large: $(STAMP)
+	test -d $(BENCH_DIR)/nvila-8b || $(NVILA) random-checkpoint --preset nvila-8b --out $(BENCH_DIR)/nvila-8b
+	$(NVILA) bench --model $(BENCH_DIR)/nvila-8b --setup fast --image-size 896 --runs 1 --warmup 0 --new-tokens 8 \
+		--json docs/perf/nvila-8b-s2-896.json
+	test -d $(BENCH_DIR)/nvila-8b-video || $(NVILA) random-checkpoint --preset nvila-8b-video --out $(BENCH_DIR)/nvila-8b-video
+	$(NVILA) bench --model $(BENCH_DIR)/nvila-8b-video --setup fast --frames 64 --runs 1 --warmup 0 --new-tokens 8 \
+		--json docs/perf/nvila-8b-video-64f.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
