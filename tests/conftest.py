@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,19 @@ def fixture_pipeline(variant: str):
 @pytest.fixture(params=VARIANTS)
 def pipe(request):
     return fixture_pipeline(request.param)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose IHDR is rewritten (with a valid CRC) to claim ``width x height``.
+
+    Layout: 8-byte signature, then the IHDR chunk: length(4) type(4) data(13) crc(4); width/height lead data.
+    """
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

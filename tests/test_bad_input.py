@@ -3,22 +3,18 @@ that names the problem, never a bare torch / PIL / PyAV / safetensors exception.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import stat
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA, fixture_pipeline
+from conftest import CHECKPOINTS, MEDIA, fixture_pipeline, png_claiming
 from nvila.errors import CheckpointError, ConfigError, MediaError, NvilaError, PromptError
 
 PNG = MEDIA / "hopper_64x64.png"
@@ -56,15 +52,6 @@ def _video_msg(source: Any, **options: Any) -> list[dict]:
                                          {"type": "text", "text": "What happens?"}]}]
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose IHDR is rewritten (with a valid CRC) to claim width x height."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1), (1, 2, 3)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 def test_fixture_checkpoint_loads_unmodified(tmp_path: Path) -> None:
@@ -289,7 +276,7 @@ def test_truncated_png(tmp_path: Path) -> None:
 
 def test_png_header_claiming_huge_dimensions(tmp_path: Path) -> None:
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_claiming(100_000, 100_000))
+    path.write_bytes(png_claiming(100_000, 100_000))
     with pytest.raises(MediaError) as info:
         fixture_pipeline("nvila").prepare(_image_msg(str(path)))
     message = str(info.value)
@@ -299,7 +286,7 @@ def test_png_header_claiming_huge_dimensions(tmp_path: Path) -> None:
 
 def test_png_with_zero_dimension(tmp_path: Path) -> None:
     path = tmp_path / "zero.png"
-    path.write_bytes(_png_claiming(0, 32))
+    path.write_bytes(png_claiming(0, 32))
     with pytest.raises(MediaError, match="zero width or height"):
         fixture_pipeline("nvila").prepare(_image_msg(str(path)))
 

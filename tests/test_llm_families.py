@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import nvila
 from conftest import CHECKPOINTS
 
 
-def _assemble(tmp_path, llm_model) -> "Path":
+def _assemble(tmp_path: Path, llm_model: torch.nn.Module) -> Path:
     root = tmp_path / "ckpt"
     shutil.copytree(CHECKPOINTS / "nvila-video", root)
     for p in root.rglob("*"):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import io
 import shutil
-import struct
 import wave
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import png_claiming
 from nvila.errors import MediaError
 from nvila.media import (
     DEFAULT_MAX_PIXELS,
@@ -52,16 +51,6 @@ def _frame_png(index: int) -> np.ndarray:
     return _reference_rgb(FRAMES / f"{index:04d}.png")
 
 
-def _png_bytes(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose IHDR is rewritten (with a valid CRC) to claim width x height."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1), (1, 2, 3)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    # Layout: 8-byte signature, then the IHDR chunk: length(4) type(4) data(13) crc(4); width/height lead data.
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -163,7 +152,7 @@ def test_load_image_truncated_png(tmp_path: Path) -> None:
 
 def test_load_image_header_beyond_pil_hard_limit(tmp_path: Path) -> None:
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_bytes(100_000, 100_000))
+    path.write_bytes(png_claiming(100_000, 100_000))
     with pytest.raises(MediaError, match="too large|exceeds the limit"):
         load_image(path)
 
@@ -173,7 +162,7 @@ def test_load_image_size_is_checked_from_header_before_decoding(tmp_path: Path) 
     # decoding would fail as "truncated": getting the size message proves the check ran before decoding, and the
     # module-level filter proves PIL's DecompressionBombWarning did not leak.
     path = tmp_path / "big.png"
-    path.write_bytes(_png_bytes(20_000, 5_000))
+    path.write_bytes(png_claiming(20_000, 5_000))
     with pytest.raises(MediaError, match="exceeds the limit of 50000000"):
         load_image(path, max_pixels=50_000_000)
     assert 20_000 * 5_000 <= DEFAULT_MAX_PIXELS
@@ -187,7 +176,7 @@ def test_load_image_max_pixels_on_real_image() -> None:
 
 def test_load_image_zero_dimension_png(tmp_path: Path) -> None:
     path = tmp_path / "flat.png"
-    path.write_bytes(_png_bytes(0, 5))
+    path.write_bytes(png_claiming(0, 5))
     with pytest.raises(MediaError, match=r"zero width or height \(0x5\)"):
         load_image(path)
 
