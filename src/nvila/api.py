@@ -21,7 +21,7 @@ import torch
 
 from nvila.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nvila.errors import ConfigError
-from nvila.generate import SamplingParams, TextStream, decode
+from nvila.generate import SamplingParams, TextStream, Trim, decode
 from nvila.processing.processor import Processor, Prompt
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -203,14 +203,9 @@ class Pipeline:
 
 def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
     """Drop leading whitespace and hold back trailing whitespace until more text follows."""
-    started, pending = False, ""
+    trim = Trim()
     for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        piece = pending + piece
-        body = piece.rstrip()
-        pending = piece[len(body):]
+        body = trim.push(piece)
         if body:
             yield body
 

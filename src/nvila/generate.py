@@ -103,30 +103,37 @@ class StepOutput:
 def decode(
     llm: Any,
     embeds: Sequence[torch.Tensor],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     stop_token_ids: Sequence[int],
     max_positions: int,
 ) -> Iterator[StepOutput]:
     """Generate for a batch of fused prompts; yields every step's new tokens.
 
+    ``params`` is shared or given per sequence (a server batches requests with different settings).
     A sequence ends on a stop token (not emitted), after ``max_new_tokens``, or when it reaches
     ``max_positions`` (the model's context). Stop strings are handled by the caller, which can close the
     generator early.
     """
+    per_seq = [params] * len(embeds) if isinstance(params, SamplingParams) else list(params)
+    if len(per_seq) != len(embeds):
+        raise ValueError(f"{len(per_seq)} sampling settings for {len(embeds)} sequences")
     x, mask, positions = left_pad(embeds)
     lengths = [e.shape[0] for e in embeds]
-    budget = [min(params.max_new_tokens, max_positions - n) for n in lengths]
+    budget = [min(p.max_new_tokens, max_positions - n) for p, n in zip(per_seq, lengths)]
     if min(budget) < 1:
         raise PromptError(f"the prompt fills the whole context ({max(lengths)} of {max_positions} positions)")
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator().manual_seed(params.seed)
+    generators = [None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in per_seq]
+    # one sampling call for the batch unless rows differ in settings or have their own seeded generator
+    vectorized = len(embeds) == 1 or (all(p == per_seq[0] for p in per_seq) and all(g is None for g in generators))
     stops = set(stop_token_ids)
     logits, cache = prefill(llm, x, mask, positions)
     pos = positions[:, -1]
     done: list[str | None] = [None] * len(embeds)
     for step in range(max(budget)):
-        tokens = sample(logits, params, generator)
+        if vectorized:
+            tokens = sample(logits, per_seq[0], generators[0])
+        else:
+            tokens = torch.cat([sample(logits[b : b + 1], p, g) for b, (p, g) in enumerate(zip(per_seq, generators))])
         out: list[int | None] = []
         for b, t in enumerate(tokens.tolist()):
             if done[b] or t in stops:
@@ -178,6 +185,24 @@ class TextStream:
         new = full[len(self.text) :]
         self.text = full
         return new
+
+
+class Trim:
+    """Strip a text stream's leading whitespace and hold trailing whitespace until more text follows,
+    so streamed pieces concatenate to exactly ``full_text.strip()``."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def push(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        piece = self.pending + piece
+        body = piece.rstrip()
+        self.pending = piece[len(body):]
+        return body
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -1,0 +1,1 @@
+"""OpenAI-compatible server: ``nvila serve`` (FastAPI + uvicorn). See nvila.serve.app."""
