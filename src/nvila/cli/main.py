@@ -225,6 +225,44 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench-serve ---------------------------------------------------------------------------------
+def _bench_serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--json", default=None, metavar="FILE")
+
+
+@command("bench-serve", "server throughput: sequential vs concurrent clients", _bench_serve_args)
+def bench_serve(args: argparse.Namespace) -> int:
+    import nvila
+    from nvila.serve.app import ServerSettings, create_app
+    from nvila.serve.loadtest import free_port, run_load, start_server
+
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    port = free_port()
+    app = create_app(pipe, ServerSettings(model_id="bench"), max_queue=max(64, args.concurrency * 2),
+                     max_batch=args.max_batch)
+    server = start_server(app, port)
+    try:
+        run_load(port, "bench", 2, 1, args.max_tokens)  # warm-up
+        seq = run_load(port, "bench", args.requests, 1, args.max_tokens)
+        conc = run_load(port, "bench", args.requests, args.concurrency, args.max_tokens)
+    finally:
+        server.should_exit = True
+    result = {"sequential": seq, f"concurrency_{args.concurrency}": conc,
+              "throughput_ratio": conc["requests_per_s"] / seq["requests_per_s"]}
+    for name, r in (("sequential", seq), (f"concurrency {args.concurrency}", conc)):
+        print(f"{name:>16}: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
+              f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, failures {r['failures']}")
+    print(f"throughput ratio: x{result['throughput_ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 # ---- bench ---------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or Hub id")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class Engine:
         self.pipe = pipe
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.batch_window_s = 0.05
         self._waiting: deque[Job] = deque()
         self._running = 0
         self._cv = threading.Condition()
@@ -75,6 +77,14 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     return
+                # a short window lets requests that arrive together (clients that all just got their
+                # previous answer) share one batch instead of queueing behind a batch of one
+                deadline = time.monotonic() + self.batch_window_s
+                while len(self._waiting) < self.max_batch and not self._stop:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
                 batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
                 self._running = len(batch)
             batch = [j for j in batch if not j.cancelled.is_set()]
