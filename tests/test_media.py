@@ -312,7 +312,14 @@ def test_frame_folder_ignores_non_images_and_hidden_files(tmp_path: Path) -> Non
         np.testing.assert_array_equal(np.asarray(frame), _frame_png(src))
 
 
-@pytest.mark.parametrize("keep", [0.2, 0.5])
+def test_mostly_missing_video_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cut.avi"
+    path.write_bytes(AVI.read_bytes()[: len(AVI.read_bytes()) // 5])   # 1 of 24 declared frames decodes
+    with pytest.raises(MediaError, match="only 1 of its 24 frames decode"):
+        load_video(path, num_frames=8)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.7])
 def test_truncated_video_keeps_only_real_frames(tmp_path: Path, keep: float) -> None:
     # At 50% the demuxer sees one more (partial) packet than frames that decode, and the indices for the true
     # count include frames the first pass did not keep: this exercises the second decode pass.

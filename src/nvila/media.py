@@ -28,6 +28,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"})
 # Same number as PIL's hard limit (2 * Image.MAX_IMAGE_PIXELS): anything larger is treated as a bomb.
 DEFAULT_MAX_PIXELS: int = 178_956_970
+# A video is refused when fewer than 1/4 of the frames its container declares decode (mostly missing).
+MIN_DECODED_FRACTION_DENOMINATOR = 4
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BYTES_NAME = "<bytes>"
@@ -262,8 +264,9 @@ def _iter_decoded(container: av.container.InputContainer, stream: av.VideoStream
         return
 
 
-def _probe(opener: Callable[[], object], name: str, max_pixels: int) -> tuple[int, float | None]:
-    """Cheap first look: the number of demuxed video packets (a frame-count guess, no decoding) and the fps."""
+def _probe(opener: Callable[[], object], name: str, max_pixels: int) -> tuple[int, float | None, int]:
+    """Cheap first look: demuxed video packets (a frame-count guess, no decoding), the fps, and the frame
+    count the container declares (0 when unknown)."""
     with _open_container(opener, name) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
@@ -277,7 +280,7 @@ def _probe(opener: Callable[[], object], name: str, max_pixels: int) -> tuple[in
                 count += packet.size > 0  # the final flush packet is empty
         except av.FFmpegError:
             pass  # a damaged tail: the decode pass establishes the real count
-        return count, native_fps
+        return count, native_fps, max(int(stream.frames or 0), 0)
 
 
 def _decode_pass(
@@ -303,11 +306,13 @@ def _decode_pass(
 def _load_video_file(
     opener: Callable[[], object], name: str, num_frames: int, fps: float | None, max_frames: int | None, max_pixels: int
 ) -> Video:
-    hint, native_fps = _probe(opener, name, max_pixels)
+    hint, native_fps, declared = _probe(opener, name, max_pixels)
     guess = _choose_indices(hint, native_fps, num_frames, fps, max_frames) if hint else []
     loaded, total = _decode_pass(opener, name, set(guess), max_pixels)
     if total == 0:
         raise MediaError(f"{name!r} contains no decodable video frames (empty, truncated or corrupt).")
+    if declared and total * MIN_DECODED_FRACTION_DENOMINATOR < declared:
+        raise MediaError(f"{name!r} is truncated or corrupt: only {total} of its {declared} frames decode.")
     # The packet count is usually exact. If decoding disagrees, the indices follow the true count (as in the
     # reference), and a second pass fetches any frame the first one did not keep.
     indices = _choose_indices(total, native_fps, num_frames, fps, max_frames)
@@ -331,7 +336,9 @@ def load_video(
     By default (`fps` None or 0) the frames are `sample_frame_indices(N, num_frames)`, N being the number of
     frames that really decode (image files, for a folder). With `fps` > 0 they are `fps_frame_indices(N,
     native_fps, fps, max_frames or num_frames)`; a frame folder has no frame rate and is sampled uniformly.
-    A truncated file yields the frames that do decode (N shrinks accordingly); none at all is a MediaError.
+    A damaged file yields the frames that do decode (N shrinks accordingly, like the reference's walk back
+    to the last readable frame); none at all, or fewer than a quarter of the frames the container declares,
+    is a MediaError.
     Only the wanted frames are kept in memory while decoding.
     """
     if not isinstance(num_frames, int) or num_frames < 1:

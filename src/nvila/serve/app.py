@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nvila.errors import NvilaError
 from nvila.generate import SamplingParams
@@ -111,11 +112,25 @@ def create_app(pipe: Any, settings: ServerSettings, max_queue: int = 64, max_bat
     app.state.engine = engine
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if "json" not in request.headers.get("content-type", ""):
+            return error_response(422, "the request body must be JSON sent with Content-Type: application/json",
+                                  code="invalid_content_type")
+        if first.get("type") == "json_invalid":
+            return error_response(422, f"the request body is not valid JSON: {first.get('msg', '')}",
+                                  code="invalid_json")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(422, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid value')}",
                               param=where or None, code="invalid_schema")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # routing errors (unknown path 404, wrong method 405) and body parse failures, in OpenAI's shape
+        detail = exc.detail if isinstance(exc.detail, str) else "request error"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the request body could not be parsed as JSON (malformed, or nested too deeply)"
+        return error_response(exc.status_code, detail, code=f"http_{exc.status_code}")
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
