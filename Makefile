@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 FIXTURE := tests/fixtures/official
 DEMO_MODEL ?= $(FIXTURE)/checkpoints/nvila-lite
 
-.PHONY: install test demo bench bench-large clean
+.PHONY: install test demo bench bench-large bench-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-large: $(STAMP)
 	test -d $(BENCH_DIR)/nvila-8b-video || $(NVILA) random-checkpoint --preset nvila-8b-video --out $(BENCH_DIR)/nvila-8b-video
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-8b-video --setup fast --frames 64 --runs 1 --warmup 0 --new-tokens 8 \
 		--json docs/perf/nvila-8b-video-64f.json
+
+# Server throughput: 32 requests one at a time vs 8 concurrent clients (NVILA-Lite-2B shapes, 4 layers).
+bench-serve: $(STAMP)
+	test -d $(BENCH_DIR)/lite2b-4l || $(NVILA) random-checkpoint --preset nvila-lite-2b --layers 4 --out $(BENCH_DIR)/lite2b-4l
+	$(NVILA) bench-serve --model $(BENCH_DIR)/lite2b-4l --requests 32 --concurrency 8 --max-tokens 16 \
+		--json docs/perf/serve-lite2b-4layers.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
