@@ -16,6 +16,10 @@ from typing import Any, Literal
 from nvila.errors import ConfigError
 
 ImageMode = Literal["dynamic_s2", "dynamic", "resize"]
+
+# Space-to-channel block side of each projector type (token geometry needs it; the modules themselves are
+# built by nvila.model.projector.PROJECTORS, which has exactly these keys).
+PROJECTOR_DOWNSAMPLE: dict[str, int] = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
 VideoEncoderKind = Literal["basic", "tsp"]
 
 # Top-level keys absent from the NVILA-8B release config take these class defaults.
@@ -85,8 +89,6 @@ class NvilaConfig:
     @property
     def downsample(self) -> int:
         """Side of the space-to-channel block of the projector (2 or 3)."""
-        from nvila.model.projector import downsample_factor  # registry owns the mapping
-
         return downsample_factor(self.projector_type)
 
     @property
@@ -167,9 +169,12 @@ class NvilaConfig:
         if self.num_video_frames < 1:
             raise ConfigError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
 
-    def vision_feature_channels(self) -> int:
-        """Channels the projector expects (vision hidden x number of S2 scales)."""
-        return self.mm_hidden_size
+
+def downsample_factor(name: str) -> int:
+    """STC block side of a projector type; unknown types are a ConfigError listing the known ones."""
+    if name not in PROJECTOR_DOWNSAMPLE:
+        raise ConfigError(f"mm_projector_type {name!r} is not supported; known types: {sorted(PROJECTOR_DOWNSAMPLE)}")
+    return PROJECTOR_DOWNSAMPLE[name]
 
 
 def parse_scales(value: Any) -> tuple[int, ...]:

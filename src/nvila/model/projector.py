@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvila.errors import ConfigError
+from nvila.config import PROJECTOR_DOWNSAMPLE, downsample_factor
 
 
 class SpaceToChannel(nn.Module):
@@ -59,19 +59,14 @@ def _mlp_downsample_3x3(c: int, d: int) -> list[nn.Module]:
     ]
 
 
-# name -> (builder(in_channels, llm_hidden) -> layers, STC factor)
-PROJECTORS: dict[str, tuple[Callable[[int, int], list[nn.Module]], int]] = {
-    "mlp_downsample": (_mlp_downsample_2x2, 2),
-    "mlp_downsample_2x2_fix": (_mlp_downsample_2x2, 2),
-    "mlp_downsample_3x3_fix": (_mlp_downsample_3x3, 3),
+# name -> builder(in_channels, llm_hidden) -> layers; STC factors live in nvila.config.PROJECTOR_DOWNSAMPLE
+PROJECTORS: dict[str, Callable[[int, int], list[nn.Module]]] = {
+    "mlp_downsample": _mlp_downsample_2x2,
+    "mlp_downsample_2x2_fix": _mlp_downsample_2x2,
+    "mlp_downsample_3x3_fix": _mlp_downsample_3x3,
 }
-
-
-def downsample_factor(name: str) -> int:
-    """STC block side of a registered projector type."""
-    if name not in PROJECTORS:
-        raise ConfigError(f"mm_projector_type {name!r} is not supported; known types: {sorted(PROJECTORS)}")
-    return PROJECTORS[name][1]
+assert set(PROJECTORS) == set(PROJECTOR_DOWNSAMPLE)
+__all__ = ["PROJECTORS", "Projector", "SpaceToChannel", "downsample_factor"]
 
 
 class Projector(nn.Module):
@@ -81,7 +76,7 @@ class Projector(nn.Module):
         super().__init__()
         downsample_factor(kind)  # validates the name
         self.kind = kind
-        self.layers = nn.Sequential(*PROJECTORS[kind][0](in_channels, llm_hidden))
+        self.layers = nn.Sequential(*PROJECTORS[kind](in_channels, llm_hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
