@@ -49,8 +49,12 @@ class MediaRef:
     options: dict[str, Any]        # video: num_frames / fps / max_frames
 
 
-def normalize_messages(messages: str | Sequence[Any]) -> list[dict[str, Any]]:
-    """Validate messages and return them as dicts with list-of-parts content."""
+def normalize_messages(messages: str | Sequence[Any], training: bool = False) -> list[dict[str, Any]]:
+    """Validate messages and return them as dicts with list-of-parts content.
+
+    For inference the last turn must be the user's (there is something to answer); a training
+    conversation must end with the assistant's answer instead.
+    """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if not isinstance(messages, Sequence) or not messages:
@@ -66,7 +70,9 @@ def normalize_messages(messages: str | Sequence[Any]) -> list[dict[str, Any]]:
         if role == "system" and i != 0:
             raise PromptError("a system message may only come first")
         out.append({"role": role, "content": _parts(msg["content"], i, role, counter)})
-    if out[-1]["role"] == "assistant":
+    if training and out[-1]["role"] != "assistant":
+        raise PromptError("a training conversation must end with an assistant message (the answer to learn)")
+    if not training and out[-1]["role"] == "assistant":
         raise PromptError("the last message must be a user (or system) turn to answer")
     return out
 

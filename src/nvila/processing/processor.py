@@ -25,6 +25,8 @@ from nvila.processing.chat import (
 from nvila.processing.image import image_pixels, normalize
 from nvila.processing.tiling import TilePlan, VideoPlan, plan_image, plan_video
 
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, media placeholders, padding)
+
 
 @dataclass
 class MediaItem:
@@ -51,6 +53,7 @@ class Prompt:
     input_ids: list[int]
     media: list[MediaItem]
     text: str
+    labels: list[int] | None = None   # training: token id on assistant answers, IGNORE_INDEX elsewhere
 
     @property
     def num_media_embeddings(self) -> int:
@@ -81,13 +84,16 @@ class Processor:
         fps: float | None = None,
         max_frames: int | None = None,
         add_generation_prompt: bool = True,
+        training: bool = False,
     ) -> Prompt:
         """Read the media of ``messages``, plan and tile them, and tokenize the conversation.
 
         ``num_frames`` / ``fps`` / ``max_frames`` are defaults for videos whose part does not set them;
-        without them the model's configured ``num_video_frames`` is used.
+        without them the model's configured ``num_video_frames`` is used. With ``training`` the
+        conversation ends with the assistant's answer and ``labels`` mark the assistant tokens.
         """
-        msgs = normalize_messages(messages)
+        msgs = normalize_messages(messages, training=training)
+        add_generation_prompt = add_generation_prompt and not training
         refs = collect_media(msgs)
         single = sum(r.kind == "image" for r in refs) == 1
         items: list[MediaItem] = []
@@ -104,10 +110,37 @@ class Processor:
                 item = self._video(ref.source, **opts)
             items.append(item)
         text = build_prompt(msgs, self.tokenizer, self.chat_template, expansion, add_generation_prompt)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompt = Prompt(list(ids), items, text)
+        if training:
+            ids, labels = self._labelled(msgs, expansion, text)
+            prompt = Prompt(ids, items, text, labels)
+        else:
+            prompt = Prompt(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), items, text)
         self._check_counts(prompt)
         return prompt
+
+    def _labelled(self, msgs: list[dict[str, Any]], expansion: dict[int, str], text: str) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and labels that keep only assistant answers (with their end token).
+
+        Each answer's character span is found by rendering the conversation up to the answer's start
+        (with the generation prompt) and up to its end; tokens starting inside a span are supervised.
+        """
+        spans = []
+        for i, msg in enumerate(msgs):
+            if msg["role"] != "assistant":
+                continue
+            start = build_prompt(msgs[:i], self.tokenizer, self.chat_template, expansion, True)
+            end = build_prompt(msgs[: i + 1], self.tokenizer, self.chat_template, expansion, False)
+            if not (end.startswith(start) and text.startswith(end)):
+                raise PromptError("the chat template does not render conversations prefix by prefix; "
+                                  "assistant answers cannot be located for the loss")
+            spans.append((len(start), len(end.rstrip("\n"))))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [IGNORE_INDEX] * len(ids)
+        for t, (a, _) in enumerate(enc["offset_mapping"]):
+            if any(s <= a < e for s, e in spans):
+                labels[t] = ids[t]
+        return ids, labels
 
     def _image(self, source: Any, single: bool) -> MediaItem:
         image = media_io.load_image(source, max_pixels=self.max_pixels)

@@ -1,0 +1,1 @@
+"""Training side of nvila (datasets first; recipes, PEFT and the loop build on nvila.api/processing)."""
