@@ -1,0 +1,63 @@
+"""From labelled prompts to a training loss: fuse media into embeddings, right-pad, causal LM loss.
+
+Placeholders expand to media embeddings whose labels are IGNORE_INDEX, so the labels stay aligned with
+the fused sequence. The LLM computes the usual shifted cross-entropy over supervised tokens, averaged
+over every supervised token of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nvila.errors import PromptError
+from nvila.processing.processor import IGNORE_INDEX, Prompt
+
+
+def fused_labels(prompt: Prompt, blocks: Sequence[torch.Tensor], media_ids: set[int]) -> list[int]:
+    """Labels of the fused sequence: each placeholder becomes its block's length of IGNORE_INDEX."""
+    if prompt.labels is None:
+        raise PromptError("the prompt has no labels; prepare it with training=True")
+    out: list[int] = []
+    blocks_iter = iter(blocks)
+    for token, label in zip(prompt.input_ids, prompt.labels):
+        if token in media_ids:
+            out += [IGNORE_INDEX] * next(blocks_iter).shape[0]
+        else:
+            out.append(label)
+    return out
+
+
+def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+    """Embed and right-pad a batch: inputs_embeds (B, L, D), attention_mask, position_ids, labels (B, L)."""
+    media_ids = set(model.media_token_ids.values())
+    embeds, labels = [], []
+    for prompt in prompts:
+        blocks = model.embed_media(prompt.media)
+        embeds.append(model.fuse(prompt.input_ids, blocks))
+        labels.append(fused_labels(prompt, blocks, media_ids))
+    L = max(e.shape[0] for e in embeds)
+    B, D = len(embeds), embeds[0].shape[1]
+    x = embeds[0].new_zeros(B, L, D)
+    lab = torch.full((B, L), IGNORE_INDEX, dtype=torch.long, device=x.device)
+    mask = torch.zeros(B, L, dtype=torch.long, device=x.device)
+    for b, (e, y) in enumerate(zip(embeds, labels)):
+        x[b, : e.shape[0]] = e
+        lab[b, : len(y)] = torch.tensor(y, device=x.device)
+        mask[b, : e.shape[0]] = 1
+    positions = torch.arange(L, device=x.device).expand(B, L)
+    return {"inputs_embeds": x, "attention_mask": mask, "position_ids": positions, "labels": lab}
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over supervised tokens, and their count."""
+    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits                 # (B, L, V)
+    targets = batch["labels"][:, 1:]
+    n = int((targets != IGNORE_INDEX).sum())
+    if n == 0:
+        raise PromptError("the batch has no supervised tokens (no assistant answers)")
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return loss, n
