@@ -21,7 +21,7 @@ import torch
 
 from nvila.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nvila.errors import ConfigError
-from nvila.generate import SamplingParams, TextStream, Trim, decode
+from nvila.generate import SamplingParams, Trim, decode_text
 from nvila.processing.processor import Processor, Prompt
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -153,23 +153,20 @@ class Pipeline:
             return []
         prompts = [self.prepare(c, **_pick(options, MEDIA_OPTIONS)) for c in conversations]
         results = [Generation("", p.input_ids, p.num_media_embeddings, p.fused_length) for p in prompts]
-        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
-        embeds = [self.embed(p) for p in prompts]
-        steps = decode(self.model.llm, embeds, params, self.checkpoint.stop_token_ids, self.config.model_max_length)
-        for step in steps:
-            for b, token in enumerate(step.tokens):
-                if token is None or streams[b].stopped:
-                    continue
-                results[b].output_token_ids.append(token)
-                streams[b].push(token)
-            for b, reason in enumerate(step.finished):
-                results[b].finish_reason = "stop" if streams[b].stopped else (reason or "length")
-            if all(s.stopped or r for s, r in zip(streams, step.finished)):
-                break
-        for r, s in zip(results, streams):
-            s.finish()
-            r.text = s.text.strip()
+        texts = [""] * len(prompts)
+        for step in self._decode([self.embed(p) for p in prompts], params):
+            for b, (token, piece) in enumerate(zip(step.tokens, step.pieces)):
+                if token is not None:
+                    results[b].output_token_ids.append(token)
+                texts[b] += piece
+                results[b].finish_reason = step.finished[b] or "length"
+        for r, text in zip(results, texts):
+            r.text = text.strip()
         return results
+
+    def _decode(self, embeds: list[torch.Tensor], params: Any) -> Iterator[Any]:
+        return decode_text(self.model.llm, self.tokenizer, embeds, params, self.checkpoint.stop_token_ids,
+                           self.config.model_max_length)
 
     def chat(self, messages: str | Sequence[Any], **options: Any) -> str:
         """The model's answer to a conversation, as text."""
@@ -182,32 +179,15 @@ class Pipeline:
         """
         params = _sampling(options)
         prompt = self.prepare(messages, **_pick(options, MEDIA_OPTIONS))
-        text = TextStream(self.tokenizer, params.stop)
-        steps = decode(self.model.llm, [self.embed(prompt)], params, self.checkpoint.stop_token_ids,
-                       self.config.model_max_length)
-
-        def pieces() -> Iterator[str]:
-            for step in steps:
-                if step.tokens[0] is not None:
-                    yield text.push(step.tokens[0])
-                if text.stopped or step.finished[0]:
-                    break
-            yield text.finish()
-
-        yield from _strip_stream(pieces())
+        trim = Trim()
+        for step in self._decode([self.embed(prompt)], params):
+            piece = trim.push(step.pieces[0])
+            if piece:
+                yield piece
 
     def save(self, out: str | os.PathLike) -> Path:
         """Write the model in the official layout (bit-identical tensors for an unmodified model)."""
         return save_checkpoint(self.checkpoint, out)
-
-
-def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
-    """Drop leading whitespace and hold back trailing whitespace until more text follows."""
-    trim = Trim()
-    for piece in pieces:
-        body = trim.push(piece)
-        if body:
-            yield body
 
 
 def _pick(options: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:

@@ -151,6 +151,53 @@ def decode(
         logits, cache = decode_step(llm, tokens, cache, mask, pos)
 
 
+@dataclass
+class TextStep:
+    """One decoding step as text: per sequence the token taken (None once finished or on a stop token),
+    the text that became final (the tail is flushed in the step a sequence ends), and the finish reason."""
+
+    tokens: list[int | None]
+    pieces: list[str]
+    finished: list[str | None]
+
+
+def decode_text(
+    llm: Any,
+    tokenizer: Any,
+    embeds: Sequence[torch.Tensor],
+    params: SamplingParams | Sequence[SamplingParams],
+    stop_token_ids: Sequence[int],
+    max_positions: int,
+) -> Iterator[TextStep]:
+    """:func:`decode` plus detokenization and stop strings: the one loop behind chat, stream and serve.
+
+    A sequence whose text reaches one of its stop strings ends with reason "stop" (its text is cut before
+    the stop string); the generator ends once every sequence has ended.
+    """
+    per_seq = [params] * len(embeds) if isinstance(params, SamplingParams) else list(params)
+    streams = [TextStream(tokenizer, p.stop) for p in per_seq]
+    done: list[str | None] = [None] * len(embeds)
+    steps = decode(llm, embeds, per_seq, stop_token_ids, max_positions)
+    try:
+        for step in steps:
+            tokens: list[int | None] = []
+            pieces: list[str] = []
+            for b, stream in enumerate(streams):
+                token = None if done[b] else step.tokens[b]
+                piece = stream.push(token) if token is not None else ""
+                if not done[b]:
+                    done[b] = "stop" if stream.stopped else step.finished[b]
+                    if done[b]:
+                        piece += stream.finish()
+                tokens.append(token)
+                pieces.append(piece)
+            yield TextStep(tokens, pieces, list(done))
+            if all(done):
+                return
+    finally:
+        steps.close()
+
+
 class TextStream:
     """Incremental detokenizer: feed ids, get the new text; holds back incomplete UTF-8 sequences."""
 

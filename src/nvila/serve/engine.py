@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nvila.errors import NvilaError
-from nvila.generate import SamplingParams, TextStream, Trim, decode
+from nvila.generate import SamplingParams, Trim, decode_text
 from nvila.processing.processor import Prompt
 
 
@@ -104,30 +104,26 @@ class Engine:
     def _run(self, batch: list[Job]) -> None:
         pipe = self.pipe
         embeds = [pipe.embed(job.prompt) for job in batch]
-        streams = [TextStream(pipe.tokenizer, job.params.stop) for job in batch]
         trims = [Trim() for _ in batch]
-        steps = decode(pipe.model.llm, embeds, [j.params for j in batch], pipe.checkpoint.stop_token_ids,
-                       pipe.config.model_max_length)
+        steps = decode_text(pipe.model.llm, pipe.tokenizer, embeds, [j.params for j in batch],
+                            pipe.checkpoint.stop_token_ids, pipe.config.model_max_length)
         live = [True] * len(batch)
         for step in steps:
-            for b, (job, stream) in enumerate(zip(batch, streams)):
+            for b, job in enumerate(batch):
                 if not live[b]:
                     continue
-                token = step.tokens[b]
-                if token is not None:
-                    job.completion_tokens += 1
-                    piece = trims[b].push(stream.push(token))
-                    if piece:
-                        job.emit("text", piece)
-                finished = stream.stopped or step.finished[b]
-                if job.cancelled.is_set() or finished:
+                if job.cancelled.is_set():      # client gone: no more tokens for it
                     live[b] = False
-                    job.finish_reason = "stop" if stream.stopped else (step.finished[b] or "stop")
-                    if not job.cancelled.is_set():
-                        tail = trims[b].push(stream.finish())
-                        if tail:
-                            job.emit("text", tail)
-                        job.emit("done", None)
+                    continue
+                if step.tokens[b] is not None:
+                    job.completion_tokens += 1
+                piece = trims[b].push(step.pieces[b])
+                if piece:
+                    job.emit("text", piece)
+                if step.finished[b]:
+                    live[b] = False
+                    job.finish_reason = step.finished[b]
+                    job.emit("done", None)
             if not any(live):
                 steps.close()
                 break
