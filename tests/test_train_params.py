@@ -30,10 +30,23 @@ def test_align_stage_trains_projector_only(model) -> None:
 def test_layernorm_tuning_selects_exactly_the_vit_layernorms(model) -> None:
     set_trainable(model, {"vision": "layernorm", "projector": "full", "llm": "full"})
     trainable = {n for n, p in model.vision.named_parameters() if p.requires_grad}
-    expected = {f"model.{n}.{w}" for n, m in model.vision.model.named_modules() if isinstance(m, nn.LayerNorm)
+    run = model.vision.layers_to_run            # layers after the selected feature layer never run
+    expected = {f"model.encoder.layers.{i}.{ln}.{w}" for i in range(run) for ln in ("layer_norm1", "layer_norm2")
                 for w in ("weight", "bias")}
     assert trainable == expected and trainable
-    assert all("layer_norm" in n or "layernorm" in n for n in trainable)
+    assert all(isinstance(dict(model.vision.named_modules())[n.rsplit(".", 1)[0]], nn.LayerNorm) for n in trainable)
+    idle = {n for n, p in model.vision.named_parameters() if n.startswith(("model.post_layernorm",
+                                                                           f"model.encoder.layers.{run}."))}
+    assert idle and not idle & trainable
+
+
+def test_idle_vit_layers_stay_frozen_even_in_full_mode(model) -> None:
+    set_trainable(model, {"vision": "full"})
+    pixels = torch.randn(1, 3, model.cfg.tile_size, model.cfg.tile_size)
+    model.vision(pixels).sum().backward()
+    no_grad = {n for n, p in model.vision.named_parameters() if p.requires_grad and p.grad is None}
+    assert not no_grad                              # every trainable ViT parameter receives a gradient
+    assert not model.vision.model.post_layernorm.weight.requires_grad
 
 
 def test_param_groups_carry_per_part_learning_rates(model) -> None:

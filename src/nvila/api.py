@@ -75,6 +75,7 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
     fast: bool | None = None,
+    lora: str | os.PathLike | None = None,
 ) -> "Pipeline":
     """Load an NVILA checkpoint (local folder in the official layout, or a Hugging Face Hub id).
 
@@ -82,10 +83,20 @@ def load(
     and float32 otherwise; pass ``dtype="float32"`` for bit-level parity with the reference.
     ``fast`` (default: on for bfloat16 on CPU) swaps the LLM's linears for the measured-faster
     single-token decode kernel; results are the same up to bf16 rounding.
+    ``lora`` names a LoRA adapter folder (``nvila.train.lora.save_adapter``, needs ``nvila[train]``): it is
+    loaded into the base model and merged, so inference runs at the base model's speed.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if lora is not None:
+        from nvila.train.lora import find_adapter, load_adapter, merge_lora, require_peft
+
+        require_peft()        # both fail before the slow base-model load
+        find_adapter(lora)
     ckpt = load_checkpoint(path_or_id, dtype=dt, device=str(dev))
+    if lora is not None:
+        load_adapter(ckpt.model, lora)
+        merge_lora(ckpt.model)
     if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
         from nvila.model.fast import use_decode_linear
 

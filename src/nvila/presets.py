@@ -62,9 +62,8 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
 }
 
 
-def official_config(preset: str, llm: dict[str, Any], vision: dict[str, Any], projector_type: str) -> dict[str, Any]:
-    """The top-level config.json of a preset, with the sub-configs embedded like the release's."""
-    top = PRESETS[preset][0]
+def official_config(top: dict[str, Any], llm: dict[str, Any], vision: dict[str, Any], projector_type: str) -> dict[str, Any]:
+    """A top-level config.json (``top``: tiling/video entries) with the sub-configs embedded like the release's."""
     return {
         "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "hidden_size": llm["hidden_size"],
         "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch", "chat_template": None,
@@ -93,21 +92,21 @@ def random_checkpoint(
             raise ConfigError("--layers must be >= 2 (the vision feature is the second-to-last layer)")
         llm_cfg["num_hidden_layers"] = min(layers, llm_cfg["num_hidden_layers"])
         vis_cfg["num_hidden_layers"] = min(layers, vis_cfg["num_hidden_layers"])
-    config = official_config(preset, llm_cfg, vis_cfg, proj_type)
+    config = official_config(PRESETS[preset][0], llm_cfg, vis_cfg, proj_type)
     torch.manual_seed(seed)
     out = Path(out)
     tmp = atomic_dir(out)
     try:
         llm = AutoModelForCausalLM.from_config(Qwen2Config(**llm_cfg), dtype=dtype)
-        _write(llm, "llm", tmp, {"config.json": llm_cfg, **_tokenizer_files(llm_cfg["model_max_length"])})
+        write_part(llm, "llm", tmp, {"config.json": llm_cfg, **_tokenizer_files(llm_cfg["model_max_length"])})
         del llm
         vision = SiglipVisionModel(SiglipVisionConfig(**vis_cfg)).to(dtype)
         pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "do_rescale": True,
                "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3,
                "rescale_factor": 1 / 255, "size": {"height": 448, "width": 448}}
-        _write(vision, "vision_tower", tmp, {"config.json": vis_cfg, "preprocessor_config.json": pre})
+        write_part(vision, "vision_tower", tmp, {"config.json": vis_cfg, "preprocessor_config.json": pre})
         projector = Projector(proj_type, config["mm_hidden_size"], llm_cfg["hidden_size"]).to(dtype)
-        _write(projector, "mm_projector", tmp, {"config.json": config["mm_projector_cfg"]})
+        write_part(projector, "mm_projector", tmp, {"config.json": config["mm_projector_cfg"]})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(_README.format(preset=preset, layers=layers or "all"))
         commit_dir(tmp, out)
@@ -117,7 +116,8 @@ def random_checkpoint(
     return out
 
 
-def _write(module: torch.nn.Module, part: str, root: Path, files: dict[str, Any]) -> None:
+def write_part(module: torch.nn.Module, part: str, root: Path, files: dict[str, Any]) -> None:
+    """Save one sub-folder of the official layout: the module's tensors + config/tokenizer files."""
     blobs = {k: v if isinstance(v, bytes) else (json.dumps(v, indent=2) + "\n").encode() for k, v in files.items()}
     save_part(part_state(module, part, PartRecord()), root / part, blobs)
 

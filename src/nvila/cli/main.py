@@ -34,6 +34,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: auto)")
 
 
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
+                   help="LoRA adapter folder, merged into --model at load (needs nvila[train])")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -65,6 +70,7 @@ def media_part(path: str) -> dict[str, Any]:
 # ---- infer ---------------------------------------------------------------------------------------
 def _infer_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_lora_arg(p)
     p.add_argument("--media", nargs="+", default=[], metavar="FILE", help="images, videos or frame folders")
     p.add_argument("--text", required=True, help="the question or instruction")
     p.add_argument("--system", default=None, help="system prompt (default: the model's)")
@@ -81,7 +87,7 @@ def infer(args: argparse.Namespace) -> int:
         raise NvilaError("--stream and --json cannot be combined")
     parts = [media_part(m) for m in args.media] + [{"type": "text", "text": args.text}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": parts}]
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
     options = generation_options(args)
     if args.stream:
         for piece in pipe.stream(messages, **options):
@@ -109,6 +115,7 @@ CHAT_HELP = """commands: /image PATH, /video PATH (attach to your next message),
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_lora_arg(p)
     p.add_argument("--system", default=None, help="system prompt (default: the model's)")
     add_sampling_args(p)
 
@@ -117,7 +124,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 def chat(args: argparse.Namespace) -> int:
     import nvila
 
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
     options = generation_options(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = []
@@ -189,6 +196,7 @@ def random_checkpoint(args: argparse.Namespace) -> int:
 # ---- serve ---------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_lora_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -215,7 +223,7 @@ def serve(args: argparse.Namespace) -> int:
     allowed = Path(args.allowed_media_dir) if args.allowed_media_dir else None
     if allowed is not None and not allowed.is_dir():
         raise NvilaError(f"--allowed-media-dir {allowed} is not a folder")
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
     model_id = args.served_model_name or Path(str(args.model).rstrip("/")).name
     settings = ServerSettings(model_id=model_id, api_key=args.api_key,
                               media=MediaPolicy(allowed_dir=allowed, allow_remote=args.allow_remote_media))
@@ -228,6 +236,7 @@ def serve(args: argparse.Namespace) -> int:
 # ---- bench-serve ---------------------------------------------------------------------------------
 def _bench_serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_lora_arg(p)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
@@ -241,7 +250,7 @@ def bench_serve(args: argparse.Namespace) -> int:
     from nvila.serve.app import ServerSettings, create_app
     from nvila.serve.loadtest import free_port, run_load, start_server
 
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device)
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
     port = free_port()
     app = create_app(pipe, ServerSettings(model_id="bench"), max_queue=max(64, args.concurrency * 2),
                      max_batch=args.max_batch)
@@ -260,6 +269,25 @@ def bench_serve(args: argparse.Namespace) -> int:
     print(f"throughput ratio: x{result['throughput_ratio']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+# ---- merge ---------------------------------------------------------------------------------------
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base checkpoint folder (official layout) or Hugging Face Hub id")
+    p.add_argument("--lora", required=True, metavar="ADAPTER_DIR", help="LoRA adapter folder trained on --model")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype the merge is computed in (default float32); tensors are written in their stored dtype")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+
+@command("merge", "fold a LoRA adapter into its base model and write the official layout", _merge_args)
+def merge(args: argparse.Namespace) -> int:
+    import nvila
+
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, fast=False, lora=args.lora)
+    print(pipe.save(args.out))
     return 0
 
 
@@ -409,6 +437,7 @@ def print_bench(results: list, bandwidth: float | None = None) -> None:
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from nvila import __version__
+    from nvila.cli import train  # noqa: F401  (registers `train`)
 
     parser = argparse.ArgumentParser(prog="nvila", description="NVILA vision-language models")
     parser.add_argument("--version", action="version", version=f"nvila {__version__}")

@@ -37,6 +37,13 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Parameters that never take part in the forward: layers after the selected one, post-LayerNorm,
+        pooling head. Training must leave them frozen (distributed data parallel requires it)."""
+        used = {id(p) for m in (self.model.embeddings, *self.model.encoder.layers[: self.layers_to_run])
+                for p in m.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in used]
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) pixels -> (N, L, C) tokens of the selected layer."""
         x = self.model.embeddings(pixels.to(self.dtype))         # (N, L, C)

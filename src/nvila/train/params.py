@@ -2,6 +2,7 @@
 
 Parts are ``vision`` (the ViT), ``projector`` and ``llm``. Modes: ``full`` (every parameter), ``frozen``,
 and for the vision tower ``layernorm`` (only LayerNorm weights and biases, NVILA's cheap ViT tuning).
+ViT layers after the selected feature layer never run, so they stay frozen in every mode.
 LoRA on the LLM is applied separately (peft) and composes with these modes.
 """
 
@@ -41,6 +42,9 @@ def set_trainable(model: Any, modes: dict[str, Mode]) -> dict[str, int]:
                 if isinstance(sub, nn.LayerNorm):
                     for p in sub.parameters():
                         p.requires_grad_(True)
+        if part == "vision":
+            for p in module.idle_parameters():
+                p.requires_grad_(False)
         counts[part] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return counts
 

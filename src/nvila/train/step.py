@@ -51,13 +51,25 @@ def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
     return {"inputs_embeds": x, "attention_mask": mask, "position_ids": positions, "labels": lab}
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over supervised tokens, and their count."""
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy over supervised tokens (``mean`` or ``sum``), and their count.
+
+    The trainer uses ``sum`` and divides by the token count of the whole global batch, so every
+    supervised token weighs the same however the batch is split over micro-batches and processes.
+    """
     logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits                 # (B, L, V)
+                       position_ids=batch["position_ids"], use_cache=False).logits      # (B, L, V)
     targets = batch["labels"][:, 1:]
     n = int((targets != IGNORE_INDEX).sum())
     if n == 0:
         raise PromptError("the batch has no supervised tokens (no assistant answers)")
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
     return loss, n
+
+
+def supervised_tokens(prompt: Prompt) -> int:
+    """Tokens of a labelled prompt that carry loss (known before the model runs)."""
+    if prompt.labels is None:
+        raise PromptError("the prompt has no labels; prepare it with training=True")
+    return sum(1 for label in prompt.labels[1:] if label != IGNORE_INDEX)

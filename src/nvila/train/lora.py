@@ -1,0 +1,332 @@
+"""LoRA adapters on the LLM (peft): apply, save, load, merge.
+
+NVILA fine-tuning trains LoRA on the LLM, the vision tower's LayerNorms and the full projector. The
+LoRA half lives here; the rest is ``params.set_trainable``. Order matters, because ``set_trainable``
+sets ``requires_grad`` on every parameter of a part (LoRA ones included)::
+
+    set_trainable(model, {"llm": "frozen", "vision": "layernorm", "projector": "full"})   # first
+    apply_lora(model, LoraSettings())                                                   # then LoRA
+
+peft's LoRA layers are swapped into ``model.llm`` in place (``peft.inject_adapter_in_model``), so the LLM
+stays the same transformers causal LM (same forward, ``get_input_embeddings``), and
+``params.param_groups`` finds the LoRA parameters in its ``llm`` group.
+
+An adapter folder, written atomically by :func:`save_adapter`::
+
+    adapter_config.json               peft LoraConfig                       } standard peft format: loads with
+    adapter_model.safetensors         LLM LoRA tensors, peft's keys         } PeftModel.from_pretrained(llm, dir)
+    non_lora_trainables.safetensors   every other trained tensor (projector, ViT LayerNorms, ...),
+                                      keyed by NvilaModel parameter names; absent when there are none
+    nvila_adapter.json                format version, base model, LoRA settings, trained parts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from nvila.checkpoint import atomic_dir, commit_dir, read_json
+from nvila.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from nvila.model.nvila import NvilaModel
+
+LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER = "default"                      # peft's adapter name; one adapter at a time
+PEFT_PREFIX = "base_model.model."        # what PeftModel puts before the LLM's own keys on disk
+LORA_MARK = "lora_"                      # peft's prefix of every LoRA parameter name
+CONFIG_FILE, LORA_FILE = "adapter_config.json", "adapter_model.safetensors"
+OTHER_FILE, META_FILE = "non_lora_trainables.safetensors", "nvila_adapter.json"
+FORMAT_VERSION = 1
+PART_PREFIXES = {"vision": "vision.", "projector": "projector.", "llm": "llm."}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters (defaults: the NVILA reference's r=64, alpha=16, dropout=0.05).
+
+    ``target_modules`` are module-name suffixes inside the LLM (default: attention and MLP projections).
+    """
+
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = LLM_PROJECTIONS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora r must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ConfigError(f"lora alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout must be a number in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+            raise ConfigError(f"lora target_modules must be a list of module names, got {targets!r}")
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"lora target_modules must be a non-empty list of module names, got {list(targets)!r}")
+        object.__setattr__(self, "target_modules", tuple(targets))   # lists (from YAML/JSON) become tuples
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraSettings":
+        """Settings from a recipe / nvila_adapter.json mapping; unknown keys are an error."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown lora settings {unknown}; known: {known}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    def peft_config(self, base: str | None = None) -> Any:
+        """The equivalent ``peft.LoraConfig`` (bias untouched, causal-LM task)."""
+        peft = require_peft()
+        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                               target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+                               base_model_name_or_path=base)
+
+
+def require_peft() -> Any:
+    """The peft module, or a ConfigError saying how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LoRA adapters need the peft package: pip install 'nvila[train]'") from None
+    return peft
+
+
+# ---- apply -----------------------------------------------------------------------------------------
+def lora_layers(llm: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every peft tuner layer inside ``llm``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in llm.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(model: NvilaModel) -> bool:
+    """True when ``model.llm`` carries LoRA layers (applied or loaded, not yet merged)."""
+    return any(LORA_MARK in n for n, _ in model.llm.named_parameters())
+
+
+def apply_lora(model: NvilaModel, settings: LoraSettings = LoraSettings()) -> int:
+    """Put fresh LoRA layers (B = 0, so outputs are unchanged) on ``model.llm``'s target linears.
+
+    Afterwards exactly the LoRA parameters require grad inside the LLM; the vision tower and projector
+    are not touched. Call ``params.set_trainable`` before, not after (it would reset the LoRA flags).
+    Returns the number of LoRA parameters.
+    """
+    if has_lora(model):
+        raise ConfigError("model.llm already has LoRA layers; merge_lora() them or start from a fresh base model")
+    _inject(model.llm, settings.peft_config())
+    for name, p in model.llm.named_parameters():
+        p.requires_grad_(LORA_MARK in name)
+    return sum(p.numel() for n, p in model.llm.named_parameters() if LORA_MARK in n)
+
+
+def _inject(llm: nn.Module, config: Any) -> None:
+    peft = require_peft()
+    try:
+        peft.inject_adapter_in_model(config, llm, adapter_name=ADAPTER)
+    except ValueError as e:   # e.g. no module matches target_modules
+        raise ConfigError(f"cannot put LoRA on the LLM: {e}") from None
+    for _, layer in lora_layers(llm):
+        layer.train(llm.training)   # new modules start in training mode: dropout would be on in an eval model
+
+
+def _unwrap(llm: nn.Module, merge: bool) -> None:
+    """Replace every LoRA layer by its base linear, after folding the LoRA delta into it when ``merge``."""
+    with torch.no_grad():
+        for name, layer in lora_layers(llm):
+            if merge:
+                layer.merge(safe_merge=True)   # raises on NaN/inf rather than writing them into the base
+            parent, _, child = name.rpartition(".")
+            setattr(llm.get_submodule(parent), child, layer.get_base_layer())
+    if hasattr(llm, "peft_config"):
+        del llm.peft_config
+
+
+def merge_lora(model: NvilaModel) -> None:
+    """Fold LoRA into the base linears and remove the LoRA modules.
+
+    ``model.llm`` is a plain transformers model again: its ``state_dict`` keys are the original ones,
+    so ``nvila.checkpoint.save_checkpoint`` writes a clean official-layout checkpoint.
+    """
+    if not has_lora(model):
+        raise ConfigError("model.llm has no LoRA layers to merge")
+    try:
+        _unwrap(model.llm, merge=True)
+    except ValueError as e:
+        raise ConfigError(f"cannot merge LoRA: {e}") from None
+
+
+# ---- save ------------------------------------------------------------------------------------------
+def save_adapter(
+    model: NvilaModel, out_dir: str | os.PathLike, settings: LoraSettings, base: str | None = None
+) -> Path:
+    """Write the LoRA tensors and every other trainable tensor as an adapter folder (atomically).
+
+    ``settings`` must be the ones ``apply_lora`` used; ``base`` (path or Hub id of the base checkpoint)
+    is recorded for people and tools, not checked when loading.
+    """
+    from safetensors.torch import save_file
+
+    if not has_lora(model):
+        raise ConfigError("the model has no LoRA layers; call apply_lora() before save_adapter()")
+    _check_settings(model.llm, settings)
+    lora = {k: _cpu(t) for k, t in lora_state(model.llm).items()}
+    other = {n: _cpu(p) for n, p in model.named_parameters() if p.requires_grad and LORA_MARK not in n}
+    base = str(base) if base is not None else None
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "base": base,
+        "lora": settings.to_dict(),
+        "parts": ["llm"] + [part for part, prefix in PART_PREFIXES.items()
+                            if part != "llm" and any(n.startswith(prefix) for n in other)],
+        "lora_tensors": len(lora),
+        "non_lora_tensors": sorted(other),
+    }
+    out = Path(out_dir)
+    tmp = atomic_dir(out)
+    try:
+        settings.peft_config(base).save_pretrained(str(tmp))
+        save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
+        if other:
+            save_file(other, str(tmp / OTHER_FILE), metadata={"format": "pt"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def lora_state(llm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LLM's LoRA tensors under the keys peft writes (views of the parameters, not copies)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(llm, adapter_name=ADAPTER, save_embedding_layers=False)
+    return {PEFT_PREFIX + k: t for k, t in state.items()}
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _check_settings(llm: nn.Module, settings: LoraSettings) -> None:
+    """The settings written to the folder must describe the layers actually on the model."""
+    cfg = llm.peft_config[ADAPTER]
+    used = (cfg.r, cfg.lora_alpha, cfg.lora_dropout, set(cfg.target_modules))
+    given = (settings.r, settings.alpha, settings.dropout, set(settings.target_modules))
+    if used != given:
+        raise ConfigError(f"save_adapter settings {settings} differ from the applied LoRA (r, alpha, dropout, "
+                          f"targets) = {used}; pass the settings given to apply_lora")
+
+
+# ---- load ------------------------------------------------------------------------------------------
+def load_adapter(model: NvilaModel, adapter_dir: str | os.PathLike) -> None:
+    """Put an adapter folder's LoRA layers on ``model.llm`` and copy in all of its tensors (strictly).
+
+    Also reads plain peft LLM adapters (no nvila_adapter.json). Every tensor is checked before any is
+    copied; a missing, unexpected or mis-shaped one raises CheckpointError and leaves the model as it was.
+    Inside the LLM, ``requires_grad`` ends up as after :func:`apply_lora` (only LoRA), so training can resume.
+    """
+    folder = find_adapter(adapter_dir)
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else None
+    if meta is not None and meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / META_FILE} has format_version {meta.get('format_version')!r}; "
+                              f"this nvila reads version {FORMAT_VERSION}")
+    has_other = (folder / OTHER_FILE).is_file()
+    if meta is not None and meta.get("non_lora_tensors") and not has_other:
+        raise CheckpointError(f"{folder} is missing {OTHER_FILE}, which {META_FILE} lists")
+    config = _read_config(folder)
+    if has_lora(model):
+        raise ConfigError("model.llm already has LoRA layers; load the adapter into a fresh base model")
+    try:
+        _inject(model.llm, config)
+    except ConfigError as e:
+        raise CheckpointError(f"LoRA adapter {folder} does not fit this base model: {e}") from None
+    try:
+        lora = lora_state(model.llm)
+        params = {n: p for n, p in model.named_parameters() if LORA_MARK not in n}
+        sources = [(folder / LORA_FILE, lora, True)] + ([(folder / OTHER_FILE, params, False)] if has_other else [])
+        for file, targets, complete in sources:
+            _check_tensors(folder, file, targets, complete)
+        with torch.no_grad():
+            for file, targets, _ in sources:
+                _copy_tensors(file, targets)
+    except BaseException:
+        _unwrap(model.llm, merge=False)
+        raise
+
+
+def find_adapter(adapter_dir: str | os.PathLike) -> Path:
+    """The adapter folder as a Path; CheckpointError if it is missing or not an adapter folder."""
+    folder = Path(adapter_dir).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"LoRA adapter folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; a LoRA adapter is a folder (written by save_adapter)")
+    missing = [name for name in (CONFIG_FILE, LORA_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} is not a LoRA adapter folder: missing {', '.join(missing)} "
+                              f"(an adapter holds {CONFIG_FILE} + {LORA_FILE}, as written by save_adapter)")
+    return folder
+
+
+def _read_config(folder: Path) -> Any:
+    raw = read_json(folder / CONFIG_FILE)
+    if raw.get("peft_type") != "LORA":
+        raise CheckpointError(f"{folder / CONFIG_FILE} describes a {raw.get('peft_type')!r} adapter; "
+                              "nvila loads LoRA adapters only")
+    peft = require_peft()
+    try:
+        config = peft.LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a valid LoRA config: {e}") from None
+    config.inference_mode = False   # keep the loaded LoRA trainable (resuming); inference ignores the flag
+    return config
+
+
+def _check_tensors(folder: Path, file: Path, targets: dict[str, torch.Tensor], complete: bool) -> None:
+    """Compare a safetensors header with the model's tensors; ``complete``: every target must be there."""
+    from safetensors import SafetensorError, safe_open
+
+    unexpected, shapes = [], []
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                if key not in targets:
+                    unexpected.append(key)
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(targets[key].shape):
+                    shapes.append(f"{key}: adapter {shape} vs model {tuple(targets[key].shape)}")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+    missing = sorted(set(targets) - set(keys)) if complete else []
+    if not (missing or unexpected or shapes):
+        return
+    msg = [f"LoRA adapter {folder} does not fit this base model ({file.name}); "
+           "it was trained for a different base model:"]
+    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            msg.append(f"  {label}: {', '.join(items[:5])}{more}")
+    raise CheckpointError("\n".join(msg))
+
+
+def _copy_tensors(file: Path, targets: dict[str, torch.Tensor]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            targets[key].copy_(f.get_tensor(key))

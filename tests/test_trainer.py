@@ -1,0 +1,157 @@
+"""The recipe runner end to end on the tiny fixture model: metrics, outputs, exact resume after SIGKILL,
+torchrun (DDP and FSDP over gloo) against one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import nvila
+from conftest import CHECKPOINTS
+from nvila.cli.main import main as cli_main
+from nvila.errors import ConfigError
+from nvila.train.recipe import load_recipe
+from nvila.train.trainer import Trainer, iter_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "recipes" / "examples" / "data"
+QUESTION = [{"role": "user", "content": [{"type": "image", "image": str(DATA / "images" / "red_circle_0.png")},
+                                         {"type": "text", "text": "What shape is in the image?"}]}]
+
+
+def write_recipe(folder: Path, **train: object) -> Path:
+    """A small fp32 recipe over the bundled sample data (both datasets, LoRA + LayerNorm + projector)."""
+    recipe = {
+        "model": str(CHECKPOINTS / "nvila-lite"),
+        "seed": 7,
+        "data": {"datasets": [{"path": str(DATA / "shapes.jsonl")}, {"path": str(DATA / "motion.jsonl"), "ratio": 2.0}],
+                 "max_length": 1024, "packing": True},
+        "train": {"parts": {"vision": "layernorm", "projector": "full", "llm": "frozen"},
+                  "lr": {"vision": 1e-4, "projector": 2e-3, "llm": 2e-3},
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "batch_size": 2, "grad_accum": 2, "max_steps": 4,
+                  "warmup_ratio": 0.25, "precision": "fp32", **train},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    return [m["loss"] for m in iter_metrics(run / "metrics.jsonl")]
+
+
+def nvila_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nvila", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def test_training_run_writes_metrics_checkpoints_and_a_loadable_model(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, save_every=2, keep_last=1, max_steps=5))
+    base_logits = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32").next_token_logits(QUESTION)
+    out = Trainer(recipe, tmp_path / "run", progress=False).run()
+    records = list(iter_metrics(out / "metrics.jsonl"))
+    assert [m["step"] for m in records] == [1, 2, 3, 4, 5]
+    assert all(m["loss"] > 0 and m["supervised_tokens"] > 0 and set(m["lr"]) == {"vision", "projector", "llm"}
+               for m in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[0]["lr"]["llm"] == pytest.approx(2e-3 / 2)                    # warmup: 1 of 5 steps
+    assert records[2]["lr"]["vision"] == pytest.approx(1e-4 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 4)).item()))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000005"]   # keep_last=1
+    assert not list((out / "checkpoints").glob(".*"))                           # no temp folders left
+    # the exported model: official layout, LoRA merged, trained projector and LayerNorms included
+    pipe = nvila.load(out / "model", dtype="float32")
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "llm", "mm_projector", "vision_tower"]
+    trained_logits = pipe.next_token_logits(QUESTION)
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+    # base + adapter reproduces it (adapter = LoRA + projector + ViT LayerNorms); bf16 storage of model/
+    via_adapter = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", lora=out / "adapter").next_token_logits(QUESTION)
+    torch.testing.assert_close(via_adapter, trained_logits, atol=0.05, rtol=0.02)
+
+
+def test_existing_run_needs_resume(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, max_steps=1))
+    Trainer(recipe, tmp_path / "run", progress=False).run()
+    with pytest.raises(ConfigError, match="pass --resume"):
+        Trainer(recipe, tmp_path / "run", progress=False).run()
+    # resuming a finished run trains nothing more and keeps its metrics
+    Trainer(recipe, tmp_path / "run", resume=True, progress=False).run()
+    assert [m["step"] for m in iter_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_resume_after_sigkill_continues_the_exact_loss_curve(tmp_path: Path) -> None:
+    config = write_recipe(tmp_path, max_steps=8, save_every=2, keep_last=2)
+    base = nvila_cmd("train", "--config", str(config), "--no-progress", "--device", "cpu")
+    subprocess.run([*base, "--output-dir", str(tmp_path / "full")], check=True, env=env(), capture_output=True)
+    proc = subprocess.Popen([*base, "--output-dir", str(tmp_path / "killed")], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:   # checkpoint 4 written, step 5 logged
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 5 <= len(metrics.read_text().splitlines()) < 8
+    assert (tmp_path / "killed" / "checkpoints" / "step-00000004" / "state.json").is_file()
+    assert not (tmp_path / "killed" / "model").exists()
+    subprocess.run([*base, "--output-dir", str(tmp_path / "killed"), "--resume"], check=True, env=env(),
+                   capture_output=True)
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert [m["step"] for m in iter_metrics(tmp_path / "killed" / "metrics.jsonl")] == list(range(1, 9))
+    assert resumed == full                                                      # bit-identical, dropout included
+    a = nvila.load(tmp_path / "full" / "model", dtype="float32").next_token_logits(QUESTION)
+    b = nvila.load(tmp_path / "killed" / "model", dtype="float32").next_token_logits(QUESTION)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path: Path, strategy: str) -> None:
+    """2 processes x batch 1 x accum 2 == 1 process x batch 1 x accum 4 (same global batch of 4)."""
+    config = write_recipe(tmp_path, max_steps=3, batch_size=1, grad_accum=4, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                          distributed=strategy)
+    args = ["train", "--config", str(config), "--no-progress", "--device", "cpu"]
+    one = subprocess.run(nvila_cmd(*args, "--output-dir", str(tmp_path / "one")), env=env(), capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + os.getpid() % 1000 + (1 if strategy == "fsdp" else 0)), "-m", "nvila"]
+    two = subprocess.run([*torchrun, *args, "--output-dir", str(tmp_path / "two"), "train.grad_accum=2"], env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    first, second = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(first) == len(second) == 3
+    assert second == pytest.approx(first, rel=1e-5)
+    a = nvila.load(tmp_path / "one" / "model", dtype="float32").next_token_logits(QUESTION)
+    b = nvila.load(tmp_path / "two" / "model", dtype="float32").next_token_logits(QUESTION)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_train_and_bad_recipes(tmp_path: Path, capsys) -> None:
+    config = write_recipe(tmp_path, max_steps=1)
+    assert cli_main(["train", "--config", str(config), "--output-dir", str(tmp_path / "cli"), "--no-progress",
+                     "train.batch_size=1", "train.grad_accum=1"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "metrics.jsonl").read_text())["samples"] == 1
+    assert cli_main(["train", "--config", str(config), "--output-dir", str(tmp_path / "x"), "train.epochz=1"]) == 2
+    assert "unknown setting(s) ['epochz']" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"image": "nowhere.png", "conversations": [{"from": "human", "value": "<image>hi"}, '
+                      '{"from": "gpt", "value": "ho"}]}\n')
+    assert cli_main(["train", "--config", str(config), "--output-dir", str(tmp_path / "y"),
+                     f"data.datasets=[{{path: {broken}}}]"]) == 2
+    err = capsys.readouterr().err
+    assert "sample 0 of dataset broken" in err and "nowhere.png" in err
