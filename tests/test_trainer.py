@@ -155,3 +155,52 @@ def test_cli_train_and_bad_recipes(tmp_path: Path, capsys) -> None:
                      f"data.datasets=[{{path: {broken}}}]"]) == 2
     err = capsys.readouterr().err
     assert "sample 0 of dataset broken" in err and "nowhere.png" in err
+
+
+def _two_steps(tmp_path: Path, name: str, **train: object) -> list[float]:
+    recipe = load_recipe(write_recipe(tmp_path, max_steps=2, **train), [])
+    trainer = Trainer(recipe, tmp_path / name, progress=False)
+    trainer.setup()
+    return [trainer.train_step()["loss"] for _ in range(2)]
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path: Path) -> None:
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    plain = _two_steps(tmp_path, "plain", lora=lora, parts={"vision": "full", "projector": "full", "llm": "frozen"})
+    ckpt = _two_steps(tmp_path, "ckpt", lora=lora, parts={"vision": "full", "projector": "full", "llm": "frozen"},
+                      gradient_checkpointing=True)
+    assert ckpt == pytest.approx(plain, rel=1e-6)
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path: Path) -> None:
+    fp32 = _two_steps(tmp_path, "fp32", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    bf16 = _two_steps(tmp_path, "bf16", lora={"r": 4, "alpha": 8, "dropout": 0.0}, precision="bf16")
+    assert bf16 == pytest.approx(fp32, rel=3e-2) and bf16 != fp32
+
+
+def test_bench_train_reports_both_modes(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mem.json"
+    assert cli_main(["bench-train", "--model", str(CHECKPOINTS / "nvila-lite"), "--steps", "1", "--device", "cpu",
+                     "--precision", "fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    full, lora = report["results"]
+    assert (full["mode"], lora["mode"]) == ("full", "lora")
+    assert full["params"] > full["trainable_params"] > 0.9 * full["params"] > lora["trainable_params"] > 0   # idle ViT layer frozen
+    assert all(r["peak_gib"] >= r["after_load_gib"] > 0 and r["step_s"] > 0 for r in (full, lora))
+    assert "full / lora: peak memory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_loss_on_supervised_positions_equals_the_full_logits_loss(packing: bool) -> None:
+    from nvila.train.step import collate, lm_loss
+    from nvila.train.trainer import LossModule
+
+    pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32")
+    convs = [QUESTION + [{"role": "assistant", "content": "A red circle."}],
+             [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]]
+    prompts = [pipe.processor(c, training=True) for c in convs]
+    with torch.no_grad():
+        ours, n = LossModule(pipe.model, packing, 4096)(prompts)
+        full, m = lm_loss(pipe.model, collate(pipe.model, prompts), reduction="sum")   # logits at every position
+    assert n == m > 0
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-4)

@@ -31,6 +31,8 @@ PARTS = ("llm", "vision_tower", "mm_projector")
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth")
 # Official key prefix of each part's tensors -> prefix inside our module.
 KEY_PREFIX = {"vision_tower": ("vision_model.", ""), "mm_projector": ("", ""), "llm": ("", "")}
+# Vision classes whose official tensor names have no "vision_model." prefix (they are the whole model).
+UNPREFIXED_VISION = ("Dinov2Model",)
 MAX_SHARD_BYTES = 5 * 1024**3
 REOPEN_BYTES = 256 * 1024**2
 
@@ -127,6 +129,13 @@ def non_weight_files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def key_prefix(module: nn.Module, part: str) -> tuple[str, str]:
+    """(official key prefix, module key prefix) of a part's tensors."""
+    if part == "vision_tower" and type(module).__name__ in UNPREFIXED_VISION:
+        return "", ""
+    return KEY_PREFIX[part]
+
+
 def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
     """Copy a part's safetensors into ``module`` (strictly) and record stored dtypes.
 
@@ -134,7 +143,7 @@ def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
     peak memory stays at the model plus one tensor.
     """
     expected = module.state_dict()
-    src_prefix, dst_prefix = KEY_PREFIX[part]
+    src_prefix, dst_prefix = key_prefix(module, part)
     record = PartRecord(files=non_weight_files(folder))
     where: dict[str, tuple[Path, str]] = {}
     bad_shapes, unexpected = [], []
@@ -200,7 +209,7 @@ def _raise_mismatch(folder: Path, part: str, missing: list[str], unexpected: lis
 
 def part_state(module: nn.Module, part: str, record: PartRecord) -> dict[str, torch.Tensor]:
     """Our module's tensors under their official names, cast to the dtype they were stored in."""
-    src_prefix, dst_prefix = KEY_PREFIX[part]
+    src_prefix, dst_prefix = key_prefix(module, part)
     out = {}
     for name, t in module.state_dict().items():
         if _is_tied(module, name):
@@ -266,9 +275,9 @@ class Checkpoint:
 
 def vision_classes() -> dict[str, type]:
     """``architectures[0]`` of vision_tower/config.json -> transformers class."""
-    from transformers import SiglipVisionModel
+    from transformers import Dinov2Model, SiglipVisionModel
 
-    return {"SiglipVisionModel": SiglipVisionModel}
+    return {"SiglipVisionModel": SiglipVisionModel, "Dinov2Model": Dinov2Model}
 
 
 def _build(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:

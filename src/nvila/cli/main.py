@@ -35,8 +35,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    """``--lora``; together with add_model_args it also makes ``--model`` optional (default: NVILA-Nano)."""
     p.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
                    help="LoRA adapter folder, merged into --model at load (needs nvila[train])")
+    for action in p._actions:
+        if action.dest == "model":
+            action.required = False
+            action.help = "checkpoint folder (official layout) or Hugging Face Hub id (default: NVILA-Nano)"
+
+
+def load_model(args: argparse.Namespace, **options: Any) -> Any:
+    """The Pipeline for ``--model``/``--lora``; without ``--model``, NVILA-Nano (built on first use)."""
+    import nvila
+
+    model, lora = args.model, args.lora
+    if model is None:
+        from nvila.nano import default_model
+
+        if lora is not None:
+            raise NvilaError("--lora needs --model (the base the adapter was trained on)")
+        model, lora = default_model()
+    return nvila.load(model, dtype=args.dtype, device=args.device, lora=lora, **options)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -81,13 +100,11 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
 
 @command("infer", "answer one prompt about images/videos", _infer_args)
 def infer(args: argparse.Namespace) -> int:
-    import nvila
-
     if args.stream and args.json:
         raise NvilaError("--stream and --json cannot be combined")
     parts = [media_part(m) for m in args.media] + [{"type": "text", "text": args.text}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": parts}]
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
+    pipe = load_model(args)
     options = generation_options(args)
     if args.stream:
         for piece in pipe.stream(messages, **options):
@@ -122,9 +139,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 @command("chat", "interactive multi-turn chat with streaming", _chat_args)
 def chat(args: argparse.Namespace) -> int:
-    import nvila
-
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
+    pipe = load_model(args)
     options = generation_options(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = []
@@ -216,14 +231,12 @@ def serve(args: argparse.Namespace) -> int:
         from nvila.serve.media_urls import MediaPolicy
     except ImportError as e:
         raise NvilaError(f"the server needs extra packages ({e.name}); pip install 'nvila[serve]'") from None
-    import nvila
-
     if args.max_queue < 1 or args.max_batch < 1:
         raise NvilaError("--max-queue and --max-batch must be >= 1")
     allowed = Path(args.allowed_media_dir) if args.allowed_media_dir else None
     if allowed is not None and not allowed.is_dir():
         raise NvilaError(f"--allowed-media-dir {allowed} is not a folder")
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
+    pipe = load_model(args)
     model_id = args.served_model_name or Path(str(args.model).rstrip("/")).name
     settings = ServerSettings(model_id=model_id, api_key=args.api_key,
                               media=MediaPolicy(allowed_dir=allowed, allow_remote=args.allow_remote_media))
@@ -246,11 +259,10 @@ def _bench_serve_args(p: argparse.ArgumentParser) -> None:
 
 @command("bench-serve", "server throughput: sequential vs concurrent clients", _bench_serve_args)
 def bench_serve(args: argparse.Namespace) -> int:
-    import nvila
     from nvila.serve.app import ServerSettings, create_app
     from nvila.serve.loadtest import free_port, run_load, start_server
 
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, lora=args.lora)
+    pipe = load_model(args)
     port = free_port()
     app = create_app(pipe, ServerSettings(model_id="bench"), max_queue=max(64, args.concurrency * 2),
                      max_batch=args.max_batch)
@@ -437,7 +449,7 @@ def print_bench(results: list, bandwidth: float | None = None) -> None:
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from nvila import __version__
-    from nvila.cli import train  # noqa: F401  (registers `train`)
+    from nvila.cli import nano, train  # noqa: F401  (register their verbs)
 
     parser = argparse.ArgumentParser(prog="nvila", description="NVILA vision-language models")
     parser.add_argument("--version", action="version", version=f"nvila {__version__}")

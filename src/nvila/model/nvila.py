@@ -64,7 +64,10 @@ class NvilaModel(nn.Module):
     def encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, G*G, C) ViT tokens, in chunks of ``vision_batch_size`` tiles."""
         device = next(self.vision.parameters()).device
-        out = [self.vision(chunk.to(device)) for chunk in pixels.split(self.vision_batch_size)]
+        # A frozen ViT needs no autograd graph even while the rest trains: its activations are not kept.
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(grad):
+            out = [self.vision(chunk.to(device)) for chunk in pixels.split(self.vision_batch_size)]
         return torch.cat(out)
 
     def project(self, feats: torch.Tensor, repeat_channels: int = 1) -> torch.Tensor:

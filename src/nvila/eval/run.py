@@ -1,0 +1,81 @@
+"""Run a model over an evaluation set: batched greedy answers, normalised exact match, a JSON report."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+from nvila.eval.datasets import EvalItem
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize(text: str) -> str:
+    """VQA-style answer normalisation: lower case, no punctuation or articles, single spaces."""
+    text = PUNCT.sub(" ", text.lower())
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def is_correct(prediction: str, answers: Sequence[str]) -> bool:
+    return normalize(prediction) in {normalize(a) for a in answers}
+
+
+def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new_tokens: int = 8,
+             progress: bool = True) -> dict[str, Any]:
+    """Answer every item greedily (questions about the same image batched together, so each image is
+    encoded once) and score exact match; returns the report with per-item predictions."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].image, i))
+    predictions: dict[int, str] = {}
+    start = time.perf_counter()
+    with _bar(len(items), progress) as bar:
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            convs = [[{"role": "user", "content": [{"type": "image", "image": items[i].image},
+                                                   {"type": "text", "text": items[i].question}]}] for i in chunk]
+            for i, g in zip(chunk, pipe.generate_batch(convs, max_new_tokens=max_new_tokens)):
+                predictions[i] = g.text
+            bar(len(chunk))
+    seconds = time.perf_counter() - start
+    correct = [is_correct(predictions[i], items[i].answers) for i in range(len(items))]
+    by_answer: dict[str, list[bool]] = defaultdict(list)
+    for item, ok in zip(items, correct):
+        by_answer[item.answers[0]].append(ok)
+    return {
+        "accuracy": sum(correct) / max(1, len(items)), "n": len(items), "correct": sum(correct),
+        "seconds": seconds, "items_per_s": len(items) / seconds if seconds else 0.0,
+        "accuracy_by_answer": {a: sum(v) / len(v) for a, v in sorted(by_answer.items())},
+        "predictions": [{"id": items[i].id, "question": items[i].question, "prediction": predictions[i],
+                         "answers": list(items[i].answers), "correct": correct[i]} for i in range(len(items))],
+    }
+
+
+class _bar:
+    """A rich progress bar with items/s (a no-op when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                                 TimeRemainingColumn())
+        self.progress.start()
+        task = self.progress.add_task("eval", total=self.total, rate="")
+        start, done = time.perf_counter(), [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            rate = done[0] / max(1e-9, time.perf_counter() - start)
+            self.progress.update(task, advance=n, rate=f"{rate:.1f} items/s")
+
+        return advance
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.progress.stop()

