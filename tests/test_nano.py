@@ -91,3 +91,17 @@ def test_eval_command_on_easy_vqa(nano_base: Path, tmp_path: Path, capsys) -> No
     assert data["n"] == 6 and 0 <= data["accuracy"] <= 1 and len(data["predictions"]) == 6
     assert data["accuracy"] == sum(p["correct"] for p in data["predictions"]) / 6
     assert "easy-vqa test: accuracy" in capsys.readouterr().out
+
+
+def test_nano_recipes_and_training_data(tmp_path: Path, capsys) -> None:
+    from nvila.cli.main import main
+    from nvila.train.data import load_dataset
+    from nvila.train.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "nano"
+    assert load_recipe(recipes / "1-align.yaml").model == "nvila:nano-base"
+    assert load_recipe(recipes / "2-sft.yaml").train.lora is not None
+    assert main(["nano", "data", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["conversations"] == 11121
+    samples = load_dataset(tmp_path / "train.jsonl")
+    assert len(samples) == 11121 and sum(len(s.messages) for s in samples) == 2 * 38575

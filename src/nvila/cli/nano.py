@@ -10,8 +10,8 @@ from nvila.cli.main import add_lora_arg, add_model_args, command, load_model
 
 
 def _nano_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["build", "path"], help="build: convert the packaged parts (once); "
-                   "path: print the base folder and the shipped adapter")
+    p.add_argument("action", choices=["build", "path", "data"], help="build: convert the packaged parts (once); "
+                   "path: print the base folder and the shipped adapter; data: write easy-VQA training files")
     p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
 
@@ -20,8 +20,22 @@ def _nano_args(p: argparse.ArgumentParser) -> None:
 def nano(args: argparse.Namespace) -> int:
     from nvila.nano import build, trained_adapter
 
+    if args.action == "data":
+        return _nano_data(Path(args.out or "data/easy-vqa"))
     base = build(args.out, force=args.force) if args.action == "build" else build(args.out)
     print(json.dumps({"base": str(base), "adapter": str(trained_adapter()) if trained_adapter() else None}))
+    return 0
+
+
+def _nano_data(out: Path) -> int:
+    """easy-VQA train as LLaVA JSONL (4 questions of an image per conversation) + a held-out split."""
+    from nvila.eval.datasets import load_eval, to_training_records
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = to_training_records(load_eval("easy-vqa", "train"), per_conversation=4)
+    path = out / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(json.dumps({"train": str(path), "conversations": len(records)}))
     return 0
 
 

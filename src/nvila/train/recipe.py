@@ -5,7 +5,7 @@ rates, the schedule and the checkpointing policy. Every key is checked: a typo i
 key and the keys that exist, never a silently ignored setting. Relative paths written in the YAML file
 are relative to that file; paths given as command-line overrides are relative to the current folder.
 
-    model: ../checkpoints/nvila-lite          # an NVILA checkpoint (folder or Hub id) ...
+    model: ../checkpoints/nvila-lite          # an NVILA checkpoint (folder, Hub id, nvila:nano-base) ...
     assemble: {llm: ..., vision: ..., projector: mlp_downsample_3x3_fix, image_mode: dynamic}  # ... or parts
     data:
       datasets: [{path: data/train.jsonl, media_root: data, ratio: 1.0}]
@@ -191,8 +191,8 @@ def _resolve_paths(node: Any, base: Path, prefix: tuple[str, ...] = ()) -> None:
 
 def _absolute(value: str, base: Path, hub_ok: bool) -> str:
     p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
+    if p.is_absolute() or (hub_ok and value.startswith("nvila:")):      # nvila:nano-base: a built-in model
+        return str(p) if p.is_absolute() else value
     local = base / p
     if hub_ok and not local.exists() and value.count("/") == 1 and not value.startswith("."):
         return value          # a Hub id such as Efficient-Large-Model/NVILA-Lite-2B

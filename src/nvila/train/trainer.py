@@ -213,6 +213,13 @@ class Trainer:
             if self.dist.main and not source.is_dir():
                 assemble(r.assemble, source, seed=r.seed)
             self.dist.barrier()
+        if source == "nvila:nano-base":
+            from nvila.nano import build
+
+            if self.dist.main:
+                build()
+            self.dist.barrier()
+            source = build()
         ckpt = load_checkpoint(source, dtype=torch.float32, device=str(self.dist.device))
         d = r.data
         changes = {k: v for k, v in (("image_mode", d.image_mode), ("max_tiles", d.max_tiles),
