@@ -204,3 +204,14 @@ def test_loss_on_supervised_positions_equals_the_full_logits_loss(packing: bool)
         full, m = lm_loss(pipe.model, collate(pipe.model, prompts), reduction="sum")   # logits at every position
     assert n == m > 0
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-4)
+
+
+def test_overlong_samples_are_refused_or_reported(tmp_path: Path) -> None:
+    from nvila.errors import NvilaError
+
+    config = write_recipe(tmp_path, max_steps=1)
+    with pytest.raises(NvilaError, match=r"sample shape-\d+ of shapes has \d+ tokens after media expansion, above "
+                                         r"data.max_length=60"):
+        Trainer(load_recipe(config, ["data.max_length=60", "data.overlong=error"]), tmp_path / "a", progress=False).setup()
+    with pytest.raises(NvilaError, match="has no sample within max_length=60"):
+        Trainer(load_recipe(config, ["data.max_length=60"]), tmp_path / "b", progress=False).setup()

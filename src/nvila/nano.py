@@ -156,6 +156,7 @@ def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> 
     from nvila.checkpoint import atomic_dir, commit_dir
     from nvila.model.projector import Projector
     from nvila.presets import official_config, write_part
+    from nvila.train.assemble import tokenizer_files
 
     out = Path(out) if out is not None else cache_root() / "nano-base"
     stamp = out / "nvila_nano.json"
@@ -179,7 +180,7 @@ def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> 
         shutil.rmtree(out)                          # forced, or an older build version
     tmp = atomic_dir(out)
     try:
-        write_part(llm.to(torch.bfloat16), "llm", tmp, {"config.json": llm_cfg, **_tokenizer_files(tokenizer)})
+        write_part(llm.to(torch.bfloat16), "llm", tmp, {"config.json": llm_cfg, **tokenizer_files(tokenizer)})
         write_part(vision, "vision_tower", tmp, {"config.json": vis_cfg, "preprocessor_config.json": pre})
         write_part(projector, "mm_projector", tmp, {"config.json": config["mm_projector_cfg"]})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -190,14 +191,6 @@ def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
-        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
 
 
 def trained_adapter() -> Path | None:

@@ -66,7 +66,7 @@ def assemble(spec: AssembleConfig, out: str | Path, seed: int = 0, dtype: torch.
     out = Path(out)
     tmp = atomic_dir(out)
     try:
-        write_part(llm, "llm", tmp, {"config.json": llm_cfg, **_tokenizer_files(tokenizer)})
+        write_part(llm, "llm", tmp, {"config.json": llm_cfg, **tokenizer_files(tokenizer)})
         write_part(vision, "vision_tower", tmp, {"config.json": vis_cfg, "preprocessor_config.json": pre_cfg})
         write_part(projector, "mm_projector", tmp, {"config.json": config["mm_projector_cfg"]})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -87,7 +87,8 @@ def _preprocessor(folder: Path, size: int) -> dict[str, Any]:
             "rescale_factor": 1 / 255, "size": {"height": size, "width": size}}
 
 
-def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes for a tokenizer, as bytes."""
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}

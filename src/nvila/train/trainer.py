@@ -191,6 +191,20 @@ class Trainer:
         if self.dist.main:
             self._write_recipe()
             self._trim_metrics()
+            if self.show_progress:
+                self._summary()
+
+    def _summary(self) -> None:
+        """What is about to run, on stderr (the main process only)."""
+        import sys
+
+        parts = ", ".join(f"{k} {v:,}" for k, v in self.trainable_counts.items())
+        print(f"nvila train: {self.mixture.epoch_size} samples/epoch, global batch {self.global_batch} "
+              f"({self.dist.world} process(es)), steps {self.step}->{self.total_steps}, precision {self.precision}; "
+              f"trainable: {parts}", file=sys.stderr)
+        if self.skipped:
+            print(f"nvila train: skipped {len(self.skipped)} samples longer than max_length={self.max_length} "
+                  f"(first: {self.skipped[:5]})", file=sys.stderr)
 
     def _check_output(self) -> None:
         has_state = (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir())
