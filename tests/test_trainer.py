@@ -4,6 +4,7 @@ torchrun (DDP and FSDP over gloo) against one process with the same global batch
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -215,3 +216,28 @@ def test_overlong_samples_are_refused_or_reported(tmp_path: Path) -> None:
         Trainer(load_recipe(config, ["data.max_length=60", "data.overlong=error"]), tmp_path / "a", progress=False).setup()
     with pytest.raises(NvilaError, match="has no sample within max_length=60"):
         Trainer(load_recipe(config, ["data.max_length=60"]), tmp_path / "b", progress=False).setup()
+
+
+def test_frozen_weights_in_bf16_compute_like_rounded_fp32_weights(tmp_path: Path) -> None:
+    from nvila.train.lowmem import UpcastEmbedding, UpcastLinear, store_frozen_in
+    from nvila.train.params import set_trainable
+
+    pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32")
+    rounded = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32")
+    set_trainable(pipe.model, {"vision": "layernorm", "projector": "full"})
+    saved = store_frozen_in(pipe.model)
+    llm = pipe.model.llm
+    assert isinstance(llm.model.layers[0].mlp.up_proj, UpcastLinear) and llm.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert isinstance(llm.get_input_embeddings(), UpcastEmbedding) and llm.lm_head.weight.dtype == torch.bfloat16
+    assert pipe.model.projector.layers[-1].weight.dtype == torch.float32            # trainable: untouched
+    converted = {id(p): p for m in pipe.model.modules() if isinstance(m, (UpcastLinear, UpcastEmbedding))
+                 for p in m.parameters()}                                          # a tied head counts once
+    assert saved == sum(p.numel() * 2 for p in converted.values()) > 0
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(pipe.model.named_parameters(), rounded.model.named_parameters()):
+            q.copy_(p.float())                                                       # bf16-rounded fp32 reference
+    a, b = pipe.next_token_logits(QUESTION), rounded.next_token_logits(QUESTION)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    losses = _two_steps(tmp_path, "lowmem", frozen_dtype="bf16")                    # trains end to end
+    assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0] * 1.5

@@ -29,7 +29,8 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {"parts": {"vision": "full", "projector": "full", "llm": "full"}, "lora": None,
              "lr": {"vision": 2e-6, "projector": 2e-5, "llm": 2e-5}},
     "lora": {"parts": {"vision": "layernorm", "projector": "full", "llm": "frozen"},
-             "lora": {"r": 64, "alpha": 16, "dropout": 0.05}, "lr": {"vision": 2e-5, "projector": 2e-4, "llm": 2e-4}},
+             "lora": {"r": 64, "alpha": 16, "dropout": 0.05}, "lr": {"vision": 2e-5, "projector": 2e-4, "llm": 2e-4},
+             "frozen_dtype": "bf16"},
 }
 
 

@@ -86,6 +86,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0             # 0 disables clipping
     precision: Precision = "auto"
     gradient_checkpointing: bool = False
+    frozen_dtype: Literal["fp32", "bf16"] = "fp32"   # bf16: frozen weights stored in bf16, math in fp32
     save_every: int = 0                    # optimizer steps between resumable checkpoints (0: end only)
     keep_last: int = 2
     distributed: Literal["ddp", "fsdp"] = "ddp"
@@ -284,6 +285,8 @@ def validate(r: Recipe) -> None:
         raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.frozen_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"train.frozen_dtype must be fp32 or bf16, got {t.frozen_dtype!r}")
     if t.distributed not in ("ddp", "fsdp"):
         raise ConfigError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
     for part, lr in t.lr.items():

@@ -160,6 +160,10 @@ class Trainer:
 
             counts["llm"] += apply_lora(model, t.lora)
         self.trainable_counts = counts
+        if t.frozen_dtype == "bf16":
+            from nvila.train.lowmem import store_frozen_in
+
+            store_frozen_in(model, torch.bfloat16)
         if t.gradient_checkpointing:
             _checkpoint_activations(model.llm)
             if counts["vision"]:
@@ -284,6 +288,10 @@ class Trainer:
             return module
         if self.recipe.train.distributed == "fsdp":
             from torch.distributed.fsdp import fully_shard
+
+            if self.recipe.train.frozen_dtype != "fp32":
+                raise ConfigError("train.frozen_dtype bf16 is for one process or ddp; FSDP shards one dtype per "
+                                  "layer: use frozen_dtype fp32 with distributed fsdp")
 
             model = module.model
             layers = list(model.llm.model.layers) + list(model.vision.layers)
