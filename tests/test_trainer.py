@@ -241,3 +241,23 @@ def test_frozen_weights_in_bf16_compute_like_rounded_fp32_weights(tmp_path: Path
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     losses = _two_steps(tmp_path, "lowmem", frozen_dtype="bf16")                    # trains end to end
     assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0] * 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_logits_match_a_float32_linear(dtype: torch.dtype, monkeypatch) -> None:
+    from nvila.train.trainer import HeadLogits
+
+    monkeypatch.setattr(HeadLogits, "CHUNK", 7)                     # several chunks and a ragged last one
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 16, generator=g, requires_grad=True)
+    w = torch.randn(30, 16, generator=g).to(dtype).requires_grad_(True)
+    out = HeadLogits.apply(h, w)
+    h_ref, w_ref = h.detach().clone().requires_grad_(True), w.detach().float().requires_grad_(True)
+    ref = h_ref @ w_ref.T
+    upstream = torch.randn(5, 30, generator=g)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    assert w.grad.dtype == dtype
+    torch.testing.assert_close(w.grad.float(), w_ref.grad, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
