@@ -28,20 +28,18 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return register
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (official layout) or Hugging Face Hub id")
+def add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    """``--model``, ``--dtype``, ``--device``; ``optional``: without ``--model``, NVILA-Nano (see load_model)."""
+    help_text = "checkpoint folder (official layout) or Hugging Face Hub id"
+    p.add_argument("--model", required=not optional, default=None,
+                   help=help_text + (" (default: NVILA-Nano)" if optional else ""))
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: auto)")
 
 
 def add_lora_arg(p: argparse.ArgumentParser) -> None:
-    """``--lora``; together with add_model_args it also makes ``--model`` optional (default: NVILA-Nano)."""
     p.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
                    help="LoRA adapter folder, merged into --model at load (needs nvila[train])")
-    for action in p._actions:
-        if action.dest == "model":
-            action.required = False
-            action.help = "checkpoint folder (official layout) or Hugging Face Hub id (default: NVILA-Nano)"
 
 
 def load_model(args: argparse.Namespace, **options: Any) -> Any:
@@ -88,7 +86,7 @@ def media_part(path: str) -> dict[str, Any]:
 
 # ---- infer ---------------------------------------------------------------------------------------
 def _infer_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, optional=True)
     add_lora_arg(p)
     p.add_argument("--media", nargs="+", default=[], metavar="FILE", help="images, videos or frame folders")
     p.add_argument("--text", required=True, help="the question or instruction")
@@ -131,7 +129,7 @@ CHAT_HELP = """commands: /image PATH, /video PATH (attach to your next message),
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, optional=True)
     add_lora_arg(p)
     p.add_argument("--system", default=None, help="system prompt (default: the model's)")
     add_sampling_args(p)
@@ -210,7 +208,7 @@ def random_checkpoint(args: argparse.Namespace) -> int:
 
 # ---- serve ---------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, optional=True)
     add_lora_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -248,7 +246,7 @@ def serve(args: argparse.Namespace) -> int:
 
 # ---- bench-serve ---------------------------------------------------------------------------------
 def _bench_serve_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, optional=True)
     add_lora_arg(p)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)

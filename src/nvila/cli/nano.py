@@ -40,7 +40,7 @@ def _nano_data(out: Path) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, optional=True)
     add_lora_arg(p)
     p.add_argument("--dataset", default="easy-vqa", help="evaluation dataset (default: easy-vqa)")
     p.add_argument("--split", default="test")
