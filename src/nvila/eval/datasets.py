@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,14 +50,21 @@ def load_eval(name: str, split: str) -> list[EvalItem]:
     return DATASETS[name](split)
 
 
-def to_training_records(items: list[EvalItem], per_conversation: int = 0) -> list[dict]:
+def to_training_records(items: list[EvalItem], per_conversation: int = 0, shuffle_seed: int | None = None) -> list[dict]:
     """LLaVA-style training records: the questions of each image as turns of one conversation
-    (``per_conversation`` > 0 splits an image's questions into several conversations of that many)."""
+    (``per_conversation`` > 0 splits an image's questions into several conversations of that many).
+
+    ``shuffle_seed`` shuffles the questions of each image first (a fixed permutation per seed), so no
+    question type always comes first and later turns cannot lean on a fixed order of earlier answers.
+    """
     by_image: dict[str, list[EvalItem]] = defaultdict(list)
     for item in items:
         by_image[item.image].append(item)
     records = []
+    rng = random.Random(shuffle_seed)
     for image, group in by_image.items():
+        if shuffle_seed is not None:
+            group = rng.sample(group, len(group))
         size = per_conversation or len(group)
         for start in range(0, len(group), size):
             turns = []

@@ -25,14 +25,19 @@ def is_correct(prediction: str, answers: Sequence[str]) -> bool:
 
 def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new_tokens: int = 8,
              progress: bool = True) -> dict[str, Any]:
-    """Answer every item greedily (questions about the same image batched together, so each image is
-    encoded once) and score exact match; returns the report with per-item predictions."""
-    order = sorted(range(len(items)), key=lambda i: (items[i].image, i))
+    """Answer every item greedily and score exact match; returns the report with per-item predictions.
+
+    A batch holds questions about one image only: the image is encoded once and the prompt prefix the
+    questions share (system prompt, image tokens) is prefilled once for the whole batch.
+    """
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_image[item.image].append(i)
+    chunks = [group[b : b + batch_size] for group in by_image.values() for b in range(0, len(group), batch_size)]
     predictions: dict[int, str] = {}
     start = time.perf_counter()
     with _bar(len(items), progress) as bar:
-        for b in range(0, len(order), batch_size):
-            chunk = order[b : b + batch_size]
+        for chunk in chunks:
             convs = [[{"role": "user", "content": [{"type": "image", "image": items[i].image},
                                                    {"type": "text", "text": items[i].question}]}] for i in chunk]
             for i, g in zip(chunk, pipe.generate_batch(convs, max_new_tokens=max_new_tokens)):
