@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from nvila.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nvila.checkpoint import QUANT_CONFIG, Checkpoint, load_checkpoint, save_checkpoint
 from nvila.errors import ConfigError
 from nvila.generate import SamplingParams, Trim, decode_text
 from nvila.processing.processor import Processor, Prompt
@@ -85,6 +85,7 @@ def load(
     single-token decode kernel; results are the same up to bf16 rounding.
     ``lora`` names a LoRA adapter folder (``nvila.train.lora.save_adapter``, needs ``nvila[train]``): it is
     loaded into the base model and merged, so inference runs at the base model's speed.
+    A folder with a ``quant_config.json`` (written by ``nvila quantize``) loads as the quantized model.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -95,6 +96,9 @@ def load(
         find_adapter(lora)
     ckpt = load_checkpoint(path_or_id, dtype=dt, device=str(dev))
     if lora is not None:
+        if QUANT_CONFIG in ckpt.records[""].files:
+            raise ConfigError("a LoRA adapter cannot be merged into a quantized checkpoint; merge it into the "
+                              "float model (nvila merge), then quantize the result")
         load_adapter(ckpt.model, lora)
         merge_lora(ckpt.model)
     if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):

@@ -10,6 +10,10 @@ before anything is copied, and errors name the part and the tensor. Loading appe
 the tokenizer and grows the LLM's embeddings with mean rows, as the reference does; saving removes those
 rows again and writes each tensor back in the dtype it was stored in, so a load/save round trip is
 bit-identical. Non-weight files (configs, tokenizer) are written back verbatim.
+
+A folder with a top-level ``quant_config.json`` is a quantized checkpoint (written by :mod:`nvila.quant`):
+the linears it lists are swapped for quantized modules before the strict load, which then also checks
+the dtype of every integer tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".p
 KEY_PREFIX = {"vision_tower": ("vision_model.", ""), "mm_projector": ("", ""), "llm": ("", "")}
 # Vision classes whose official tensor names have no "vision_model." prefix (they are the whole model).
 UNPREFIXED_VISION = ("Dinov2Model",)
+QUANT_CONFIG = "quant_config.json"
+# Integer dtypes of quantized tensors -> their safetensors names (a float file tensor must not fill them).
+INT_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
 MAX_SHARD_BYTES = 5 * 1024**3
 REOPEN_BYTES = 256 * 1024**2
 
@@ -146,7 +153,7 @@ def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
     src_prefix, dst_prefix = key_prefix(module, part)
     record = PartRecord(files=non_weight_files(folder))
     where: dict[str, tuple[Path, str]] = {}
-    bad_shapes, unexpected = [], []
+    bad_shapes, bad_dtypes, unexpected = [], [], []
     files = weight_files(folder)
     try:
         for file in files:
@@ -156,12 +163,15 @@ def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
                     if name is None or name not in expected:
                         unexpected.append(key)
                         continue
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(expected[name].shape):
-                        bad_shapes.append(f"{key}: file {shape} vs model {tuple(expected[name].shape)}")
+                    info = f.get_slice(key)
+                    shape, want = tuple(info.get_shape()), expected[name]
+                    if shape != tuple(want.shape):
+                        bad_shapes.append(f"{key}: file {shape} vs model {tuple(want.shape)}")
+                    if want.dtype in INT_DTYPES and info.get_dtype() != INT_DTYPES[want.dtype]:
+                        bad_dtypes.append(f"{key}: file {info.get_dtype()} vs model {INT_DTYPES[want.dtype]}")
                     where[name] = (file, key)
         missing = [k for k in expected if k not in where and not _is_tied(module, k)]
-        _raise_mismatch(folder, part, missing, unexpected, bad_shapes)
+        _raise_mismatch(folder, part, missing, unexpected, bad_shapes, bad_dtypes)
         with torch.no_grad():
             for file in files:
                 _copy_from(file, [(n, k) for n, (src, k) in where.items() if src == file], expected, record)
@@ -196,11 +206,14 @@ def _is_tied(module: nn.Module, key: str) -> bool:
     return tied and key == "lm_head.weight"
 
 
-def _raise_mismatch(folder: Path, part: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
-    if not (missing or unexpected or shapes):
+def _raise_mismatch(folder: Path, part: str, missing: list[str], unexpected: list[str], shapes: list[str],
+                    dtypes: list[str] | None = None) -> None:
+    dtypes = dtypes or []
+    if not (missing or unexpected or shapes or dtypes):
         return
     msg = [f"{folder} does not match its config.json ({part}):"]
-    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatch", shapes)):
+    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatch", shapes),
+                         ("dtype mismatch", dtypes)):
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             msg.append(f"  {label}: {', '.join(items[:5])}{more}")
@@ -215,7 +228,7 @@ def part_state(module: nn.Module, part: str, record: PartRecord) -> dict[str, to
         if _is_tied(module, name):
             continue
         key = src_prefix + name[len(dst_prefix):]
-        dtype = record.dtypes.get(key, t.dtype)
+        dtype = record.dtypes.get(key, t.dtype) if t.is_floating_point() else t.dtype
         if record.vocab_rows is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
             t = t[: record.vocab_rows]      # drop the rows appended for the media tokens
         out[key] = t.detach().to("cpu", dtype).contiguous()
@@ -309,6 +322,10 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     check_layout(root)
     raw = read_json(root / "config.json")
     root_record = PartRecord(files={"config.json": (root / "config.json").read_bytes()})
+    quant = None
+    if (root / QUANT_CONFIG).is_file():
+        quant = read_json(root / QUANT_CONFIG)
+        root_record.files[QUANT_CONFIG] = (root / QUANT_CONFIG).read_bytes()
     sub = {part: read_json(root / part / "config.json") for part in PARTS}
     pre_path = root / "vision_tower" / "preprocessor_config.json"
     pre = read_json(pre_path) if pre_path.is_file() else None
@@ -326,10 +343,13 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     vcfg._attn_implementation = lcfg._attn_implementation = "sdpa"
     records: dict[str, PartRecord] = {"": root_record}
     vision_model = _build(classes[arch], vcfg, dtype)
+    _quantized_skeleton(vision_model, "vision_tower", quant)
     records["vision_tower"] = load_weights(vision_model, root / "vision_tower", "vision_tower")
     projector = _build(lambda c: Projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm_hidden_size), None, dtype)
+    _quantized_skeleton(projector, "mm_projector", quant)
     records["mm_projector"] = load_weights(projector, root / "mm_projector", "mm_projector")
     llm = _build(AutoModelForCausalLM, lcfg, dtype)
+    _quantized_skeleton(llm, "llm", quant)
     records["llm"] = load_weights(llm, root / "llm", "llm")
 
     tokenizer, template, stop_ids, media_ids, end_ids = _load_tokenizer(root / "llm", raw)
@@ -337,6 +357,14 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     vision = VisionTower(vision_model, cfg.select_layer, cfg.select_feature)
     model = NvilaModel(cfg, vision, projector, llm, media_ids, end_ids).eval().to(device)
     return Checkpoint(model, tokenizer, template, stop_ids, root, records)
+
+
+def _quantized_skeleton(module: nn.Module, part: str, quant: dict[str, Any] | None) -> None:
+    """Swap in the quantized linears a quant_config.json lists for ``part``, before its tensors load."""
+    if quant is not None:
+        from nvila.quant.config import apply_quant_config  # the quant layer is needed only for such folders
+
+        apply_quant_config(module, part, quant)
 
 
 def _load_tokenizer(folder: Path, raw: dict[str, Any]) -> tuple[Any, str, list[int], dict[str, int], list[int]]:
@@ -411,6 +439,9 @@ def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
         original = ckpt.records.get("", PartRecord()).files.get("config.json")
         unchanged = original is not None and json.loads(original) == model.cfg.raw
         (tmp / "config.json").write_bytes(original if unchanged else (json.dumps(model.cfg.raw, indent=2) + "\n").encode())
+        for name, data in ckpt.records.get("", PartRecord()).files.items():
+            if name != "config.json":  # quant_config.json of a quantized model
+                (tmp / name).write_bytes(data)
         modules = {"llm": model.llm, "vision_tower": model.vision.model, "mm_projector": model.projector}
         for part, module in modules.items():
             record = ckpt.records[part]

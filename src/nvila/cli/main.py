@@ -447,7 +447,7 @@ def print_bench(results: list, bandwidth: float | None = None) -> None:
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from nvila import __version__
-    from nvila.cli import nano, prune, train  # noqa: F401  (register their verbs)
+    from nvila.cli import nano, prune, quantize, train  # noqa: F401  (register their verbs)
 
     parser = argparse.ArgumentParser(prog="nvila", description="NVILA vision-language models")
     parser.add_argument("--version", action="version", version=f"nvila {__version__}")

@@ -1,0 +1,58 @@
+"""``nvila quantize``: write a quantized checkpoint (W8A8 vision tower, W4A16/W8A16 LLM) with an error report.
+
+A thin layer over :mod:`nvila.quant`: load the float model, build calibration prompts, quantize, save the
+official layout + ``quant_config.json``, and write ``quant_report.json`` (per-layer relative errors) next
+to it. ``nvila.load(OUT)`` / ``--model OUT`` then run the quantized model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nvila.cli.main import command
+from nvila.errors import NvilaError
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="float checkpoint folder (official layout) or Hugging Face Hub id")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--vision", default="w8a8", help="vision tower scheme: w8a8 (SmoothQuant) | none (default: w8a8)")
+    p.add_argument("--llm", default="w4a16", help="LLM scheme: w4a16 (AWQ) | w8a16 | none (default: w4a16)")
+    p.add_argument("--calib", default=None, metavar="DATA", help="folder of images or training .json/.jsonl "
+                   "(default: the example images in recipes/examples/data/images)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration prompts used (default 16)")
+    p.add_argument("--group-size", type=int, default=128, help="W4A16 input channels per scale (default 128)")
+    p.add_argument("--alpha", type=float, default=0.3, help="SmoothQuant migration strength (default 0.3)")
+    p.add_argument("--dtype", default="float32", help="dtype calibration runs in (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+
+
+def _scheme(value: str) -> str | None:
+    return None if value.lower() == "none" else value.lower()
+
+
+@command("quantize", "quantize a checkpoint for deployment (W8A8 vision tower, W4A16 LLM) and report errors",
+         _quantize_args)
+def quantize_cmd(args: argparse.Namespace) -> int:
+    import nvila
+    from nvila.quant.data import calibration_conversations, calibration_prompts
+    from nvila.quant.model import check_schemes, quantize_pipeline
+
+    vision, llm = _scheme(args.vision), _scheme(args.llm)
+    check_schemes(vision, llm, args.group_size)                 # fail before the slow parts
+    calibration_conversations(args.calib, args.calib_samples)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NvilaError(f"output folder {out} exists and is not empty; choose a new path")
+    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, fast=False)
+    prompts = calibration_prompts(pipe.processor, args.calib, args.calib_samples)
+    result = quantize_pipeline(pipe, vision, llm, calib=prompts, group_size=args.group_size, alpha=args.alpha)
+    pipe.save(out)
+    calibration = {"data": args.calib or "default images", **result.config["calibration"]}
+    report = {"model": args.model, "out": str(out), "vision": vision, "llm": llm, "group_size": args.group_size,
+              "alpha": args.alpha, "calibration": calibration, "summary": result.summary(), "layers": result.report}
+    (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0

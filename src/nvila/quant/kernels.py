@@ -1,0 +1,107 @@
+"""Fused integer kernels from torch, and the rule that decides when a quantized linear uses them.
+
+Every quantized linear has a reference path (dequantize the weight, float matmul) that defines the scheme
+and always works; a fused op is used only where it was measured to be faster and only for shapes it
+accepts. Candidates in torch 2.13, each checked against the reference on the machine below:
+
+    W8A16  aten._weight_int8pack_mm(x, q (N, K) int8, scale (N,))             matches (float rounding)
+    W4A16  aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero)       matches (float rounding)
+           packed = aten._convert_weight_to_int4pack_for_cpu(codes (N, K) int32, 1), an opaque tiled
+           layout; needs N % 16 == 0 and group in {32, 64, 128, 256}; dequantizes (code - 8) * s + z
+    W8A8   torch._int_mm(q_x (M, K) int8, q^T (K, N) int8) -> int32           exact
+           onednn.qlinear_pointwise: WRONG on AVX2 CPUs without VNNI for full-range int8 weights
+           (int16 pair sums saturate; errors up to ~20% of the output range here, exact only for
+           7-bit weights), so it is not a candidate
+
+Measured with the modules' own ``kernel()`` / ``reference()`` on the development machine (AMD EPYC,
+AVX2, no AVX512/VNNI/native bf16), one thread (a training job held both cores; with two threads tiny
+ops spent most of their time waiting for each other), float32 activations, ms, median of 3::
+
+    rows x in x out           F.linear fp32   W8A16 kernel / ref   W8A8 kernel / ref   W4A16 kernel / ref
+    1 x 2048 x 2048 (decode)      1.8             7.3 / 7.8            3.6 / 5.0           10.0 / 42.1
+    64 x 1152 x 4304              18.1            526 / 27.5           271 / 24.1          708 / 67.7
+    512 x 1152 x 4304 (ViT fc1)   104              -  / 92             -  / 103             -  / 169
+
+On this CPU the fused ops are matrix-vector kernels: they win for one row (decode) and lose 10-25x as
+soon as there are a few dozen rows. So the CPU rule (:data:`CPU_MAX_ROWS`) is: fused op for a single
+row, reference otherwise. The W8A8 reference computes the integer product in a float32 matmul (exact
+while sums stay below 2^24, float32 rounding beyond), so both paths agree. None of the schemes beats the
+float32 ``F.linear`` for decoding here: on this CPU they save memory (int8 weights are half the size of
+bf16 ones, 4-bit about a quarter), not time.
+Machines with AVX512-VNNI/AMX may differ: re-measure before changing :data:`CPU_MAX_ROWS`.
+
+CUDA (code path only, no GPU was available to measure it): W4A16 uses the tinygemm kernel
+``aten._weight_int4pack_mm`` (bfloat16 activations, compute capability >= 8.0), W8A8 uses ``torch._int_mm``
+(cuBLASLt; needs M > 16 and K, N multiples of 8), W8A16 the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# Largest number of rows for which the fused CPU op is used, from the table above.
+CPU_MAX_ROWS = {"w8a16": 1, "w4a16": 1, "w8a8": 1}
+
+
+def use_kernel(scheme: str, x: torch.Tensor, rows: int, out_features: int, in_features: int,
+               group_size: int | None = None) -> bool:
+    """True when the fused op should run ``x`` (``rows`` rows) for this layer shape; False: reference."""
+    if x.device.type == "cpu":
+        if rows > CPU_MAX_ROWS[scheme]:
+            return False
+        if scheme == "w4a16":
+            return out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS
+        return True
+    if x.device.type == "cuda":
+        if scheme == "w4a16":
+            return cuda_int4_ok(x, out_features, in_features, group_size)
+        if scheme == "w8a8":
+            return rows > 16 and in_features % 8 == 0 and out_features % 8 == 0
+    return False
+
+
+def cuda_int4_ok(x: torch.Tensor, out_features: int, padded_in: int, group_size: int | None) -> bool:
+    """Shape/dtype/device limits of the CUDA tinygemm W4A16 kernel."""
+    return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and out_features % 8 == 0 and group_size in INT4_KERNEL_GROUPS and inner_k_tiles(padded_in) > 0)
+
+
+def inner_k_tiles(padded_in: int) -> int:
+    """The tinygemm ``innerKTiles`` for an input width (K must be a multiple of 16 x tiles); 0: none fits."""
+    return next((t for t in (8, 4, 2) if padded_in % (16 * t) == 0), 0)
+
+
+def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, K) float @ ((N, K) int8 * (N,) scale)^T -> (M, N) in x's dtype."""
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scale.to(x.dtype))
+
+
+def int4_pack(codes: torch.Tensor, packed: torch.Tensor, device: torch.device, padded_in: int) -> torch.Tensor:
+    """The fused op's weight layout: from (N, Kp) codes in [0, 15] (CPU) or the stored bytes (CUDA)."""
+    if device.type == "cuda":
+        return torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), inner_k_tiles(padded_in))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def int4_scale_zero(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, G) scales and integer zero points -> the fused op's (G, N, 2) [scale, offset] table.
+
+    Our codes dequantize as (q - zero) * scale; the op computes (q - 8) * scale + offset, so
+    offset = (8 - zero) * scale.
+    """
+    s = scale.float()
+    offset = (8 - zero.float()) * s
+    return torch.stack([s, offset], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def int4_weight_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    """(M, Kp) float @ dequantized (N, Kp) 4-bit weight^T -> (M, N)."""
+    if x.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_zero)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+
+
+def int8_int8_mm(qx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (N, K) int8^T -> (M, N) int32, exact."""
+    return torch._int_mm(qx.contiguous(), weight.t())

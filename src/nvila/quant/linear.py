@@ -1,0 +1,265 @@
+"""Quantized linear layers: module swaps for ``nn.Linear`` whose tensors are what the checkpoint stores.
+
+    W8A16Linear  weight int8 (N, K), weight_scale (N,)             y = x (q * s)^T + b
+    W4A16Linear  weight uint8 (N, Kp / 2): two 4-bit codes a byte,  y = x ((q - z) * s)^T + b, with s and z
+                 weight_scale (N, G), weight_zero uint8 (N, G)        per group of ``group_size`` input channels
+    W8A8Linear   weight int8 (N, K), weight_scale (N,)             y = (q_x q^T) * s_x * s + b, q_x the int8
+                                                                      codes of x, one scale per token (dynamic)
+
+(N = out_features, K = in_features, G = Kp / group_size groups.) All keep ``bias`` under its name, and
+any may hold ``input_scale`` (K,): a per-input-channel factor multiplied into x first. It carries the
+SmoothQuant/AWQ scale of a linear whose input comes from an op the scale could not be folded into
+(see :mod:`nvila.quant.calibrate`).
+
+Weights are symmetric int8 per output channel (codes in [-127, 127]) or asymmetric 4-bit per group with
+integer zero points (so 0.0 is exact). When K is not a multiple of ``group_size`` the last group is
+shorter: it is stored zero-padded to a whole group (Kp = K rounded up), the padding dequantizes to 0 and
+the group's range is computed over real columns only, so nothing changes numerically. The 4-bit bytes
+keep the even column in the high nibble (the layout CUDA's tinygemm packer reads).
+
+``reference(x)`` dequantizes and multiplies (the definition; every device, every shape); ``kernel(x)``
+runs torch's fused op; ``forward`` picks one with :func:`nvila.quant.kernels.use_kernel`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvila.errors import ConfigError
+from nvila.quant import kernels
+
+EPS = 1e-8  # smallest quantization step: an all-zero row/group quantizes to codes 0 with this scale
+
+
+# ---- quantization math ---------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: (..., K) -> codes (..., K) int8 in [-127, 127], scales (..., 1) float32."""
+    w = w.float()
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / 127
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def padded_width(in_features: int, group_size: int) -> int:
+    """K rounded up to a whole number of groups."""
+    return -(-in_features // group_size) * group_size
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise quantization with integer zero points.
+
+    (N, K) float -> codes (N, Kp) uint8 in [0, 2^bits - 1], scales (N, G) float32, zeros (N, G) uint8.
+    The range of every group includes 0 (zero padding is then harmless and 0.0 dequantizes exactly).
+    """
+    top = 2**bits - 1
+    n, k = w.shape
+    groups = F.pad(w.float(), (0, padded_width(k, group_size) - k)).view(n, -1, group_size)   # (N, G, g)
+    lo = groups.amin(dim=-1).clamp(max=0)
+    hi = groups.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / top).clamp(min=EPS)                                                 # (N, G)
+    zero = torch.round(-lo / scale).clamp(0, top)
+    codes = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, top)
+    return codes.view(n, -1).to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, Kp) codes, (N, G) scales and zeros -> (N, Kp) float32 weight."""
+    n = codes.shape[0]
+    groups = codes.view(n, -1, group_size).float()                                           # (N, G, g)
+    return ((groups - zero.float()[..., None]) * scale.float()[..., None]).view(n, -1)
+
+
+def fake_quant_int4(w: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tensor:
+    """(N, K) -> the (N, K) float32 weight its group-wise codes represent (for scale searches and tests)."""
+    return dequantize_int4(*quantize_int4(w, group_size, bits), group_size)[:, : w.shape[1]]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, Kp) codes in [0, 15] -> (N, Kp / 2) bytes, even column in the high nibble."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] << 4) | c[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, Kp / 2) bytes -> (N, Kp) codes, inverse of :func:`pack_int4`."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(packed.shape[0], -1)
+
+
+# ---- modules -------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """Common part: sizes, ``bias``, optional ``input_scale``, shape handling and path choice."""
+
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, input_scale: bool,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size: int | None = None
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features, device=device) if input_scale else None)
+
+    def extra_repr(self) -> str:
+        extra = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_scale={self.input_scale is not None}{extra}")
+
+    def _set_float(self, linear: nn.Linear, input_scale: torch.Tensor | None) -> torch.Tensor:
+        """Copy bias/input scale from a float linear; returns its weight with the pending scale applied."""
+        w = linear.weight.detach().float()
+        if input_scale is not None:                  # x W^T = (x / s)(W diag(s))^T: weight takes s, input 1/s
+            w = w * input_scale.float()
+            self.input_scale.copy_(1 / input_scale.float())
+        if linear.bias is not None:
+            self.bias.copy_(linear.bias.detach())
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        use = kernels.use_kernel(self.scheme, x, rows, self.out_features, self._kernel_width(), self.group_size)
+        return self.kernel(x) if use else self.reference(x)
+
+    def _kernel_width(self) -> int:
+        return self.in_features
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (M, K) rows with the input scale applied."""
+        if x.shape[-1] != self.in_features:
+            raise ConfigError(f"{type(self).__name__} expects inputs with {self.in_features} features, "
+                              f"got shape {tuple(x.shape)}")
+        x = x.reshape(-1, self.in_features)
+        return x * self.input_scale.to(x.dtype) if self.input_scale is not None else x
+
+    def _finish(self, y: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """(M, N) -> (..., N) in the input's dtype, bias added."""
+        y = y.to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class W8A16Linear(QuantLinear):
+    """int8 weight per output channel, activations stay float."""
+
+    scheme = "w8a16"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, input_scale, dtype, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None, **_: object) -> "W8A16Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale is not None,
+                linear.weight.dtype, linear.weight.device)
+        q, scale = quantize_int8(m._set_float(linear, input_scale))
+        m.weight.copy_(q)
+        m.weight_scale.copy_(scale[:, 0])
+        return m
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N, K) weight in ``dtype``."""
+        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None])
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._prepare(x)
+        return self._finish(rows @ self.dequantized(rows.dtype).t(), x.shape, x.dtype)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._prepare(x)
+        return self._finish(kernels.int8_weight_mm(rows, self.weight, self.weight_scale), x.shape, x.dtype)
+
+
+class W8A8Linear(W8A16Linear):
+    """int8 weight per output channel x int8 activations per token (dynamic), integer accumulation."""
+
+    scheme = "w8a8"
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        qx, sx = quantize_int8(self._prepare(x))                       # (M, K) int8, (M, 1)
+        acc = qx.float() @ self.weight.float().t()                     # integer sums, exact below 2^24
+        return self._finish(acc * sx * self.weight_scale.float(), x.shape, x.dtype)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        qx, sx = quantize_int8(self._prepare(x))
+        acc = kernels.int8_int8_mm(qx, self.weight)                    # (M, N) int32
+        return self._finish(acc.float() * sx * self.weight_scale.float(), x.shape, x.dtype)
+
+
+class W4A16Linear(QuantLinear):
+    """4-bit weight, group-wise scales and zero points; activations stay float."""
+
+    scheme = "w4a16"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 group_size: int = 128) -> None:
+        super().__init__(in_features, out_features, bias, input_scale, dtype, device)
+        check_group_size(group_size)
+        self.group_size = group_size
+        self.padded_in = padded_width(in_features, group_size)
+        groups = self.padded_in // group_size
+        self.register_buffer("weight", torch.zeros(out_features, self.padded_in // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
+        self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # fused-op layout cache
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None,
+                   group_size: int = 128) -> "W4A16Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale is not None,
+                linear.weight.dtype, linear.weight.device, group_size)
+        codes, scale, zero = quantize_int4(m._set_float(linear, input_scale), group_size)
+        m.weight.copy_(pack_int4(codes))
+        m.weight_scale.copy_(scale)
+        m.weight_zero.copy_(zero)
+        return m
+
+    def _kernel_width(self) -> int:
+        return self.padded_in
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N, K) weight in ``dtype`` (padding columns dropped)."""
+        w = dequantize_int4(unpack_int4(self.weight), self.weight_scale, self.weight_zero, self.group_size)
+        return w[:, : self.in_features].to(dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._prepare(x)
+        return self._finish(rows @ self.dequantized(rows.dtype).t(), x.shape, x.dtype)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._prepare(x)
+        rows = F.pad(rows, (0, self.padded_in - self.in_features))    # padding columns have weight 0
+        packed, scale_zero = self._fused_layout(rows)
+        return self._finish(kernels.int4_weight_mm(rows.contiguous(), packed, self.group_size, scale_zero),
+                            x.shape, x.dtype)
+
+    def _fused_layout(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused op's weight and scale tables, rebuilt when the buffers, device or dtype change.
+
+        The cache costs one more copy of the 4-bit weight; it is built on the first kernel call.
+        """
+        bufs = (self.weight, self.weight_scale, self.weight_zero)
+        key = tuple((b.data_ptr(), b._version) for b in bufs) + (rows.dtype,)
+        if self._packed is None or self._packed[0] != key:
+            packed = kernels.int4_pack(unpack_int4(self.weight), self.weight, rows.device, self.padded_in)
+            self._packed = (key, packed, kernels.int4_scale_zero(self.weight_scale, self.weight_zero, rows.dtype))
+        return self._packed[1], self._packed[2]
+
+
+def check_group_size(group_size: int) -> None:
+    """Group sizes the fused 4-bit kernels accept (the reference would take any even size)."""
+    if group_size not in kernels.INT4_KERNEL_GROUPS:
+        raise ConfigError(f"group size {group_size} is not supported; use one of {list(kernels.INT4_KERNEL_GROUPS)}")
+
+
+# scheme -> module class: the one registry of quantized linears.
+QUANTIZERS: dict[str, type[QuantLinear]] = {"w8a8": W8A8Linear, "w8a16": W8A16Linear, "w4a16": W4A16Linear}

@@ -1,0 +1,163 @@
+"""Quantize a loaded NVILA model: calibrate, swap the linears, measure each layer's error.
+
+    calibration prompts --(vision tiles)--> SmoothQuant fold --> W8A8 swap of every ViT encoder linear
+                        --(fused embeddings through the quantized ViT)--> AWQ fold --> W4A16/W8A16 swap of
+                                                                                  every LLM decoder linear
+
+The LLM is calibrated on embeddings produced by the already quantized vision tower, as it will see them.
+The projector, the embeddings, the LM head and all norms stay float. Each swapped linear is compared with
+the float linear it replaces on the calibration inputs it received (relative output error, the
+``report``); :func:`quantize_pipeline` also updates the checkpoint records so that ``Pipeline.save``
+writes a quantized checkpoint folder (see :mod:`nvila.quant.config`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from nvila.errors import ConfigError
+from nvila.quant.calibrate import LinearCalib, awq, llm_groups, plain, smoothquant
+from nvila.quant.config import FORMAT_VERSION, QUANT_CONFIG, is_quantized, module_entry, official_name, replace_module
+from nvila.quant.linear import QUANTIZERS, check_group_size
+
+VISION_SCHEMES = ("w8a8",)
+LLM_SCHEMES = ("w4a16", "w8a16")
+METHODS = {"w8a8": "smoothquant", "w4a16": "awq", "w8a16": "round-to-nearest"}
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize_model` did: the quant_config.json contents and the per-layer error report."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    report: list[dict[str, Any]] = field(default_factory=list)   # per layer: part, name, scheme, smoothing, rel_error
+    modules: list[dict[str, Any]] = field(default_factory=list)  # quant_config.json "modules" entries
+    folded: dict[str, set[str]] = field(default_factory=dict)    # part -> official names of ops that absorbed a scale
+
+    def summary(self) -> dict[str, Any]:
+        """Per part: layer count, mean and max relative error over the layers that saw calibration data."""
+        out: dict[str, Any] = {}
+        for part in ("vision_tower", "llm"):
+            rows = [r for r in self.report if r["part"] == part]
+            errs = [r for r in rows if r["rel_error"] is not None]
+            if rows:
+                worst = max(errs, key=lambda r: r["rel_error"]) if errs else None
+                out[part] = {"layers": len(rows), "calibrated": len(errs),
+                             "mean_rel_error": sum(r["rel_error"] for r in errs) / len(errs) if errs else None,
+                             "max_rel_error": worst["rel_error"] if worst else None,
+                             "worst_layer": worst["name"] if worst else None}
+        return out
+
+
+def check_schemes(vision: str | None, llm: str | None, group_size: int) -> None:
+    """Raise ConfigError for an unknown scheme or group size (before any slow work)."""
+    if vision is not None and vision not in VISION_SCHEMES:
+        raise ConfigError(f"vision scheme {vision!r} is not supported; choose from {list(VISION_SCHEMES)} or none")
+    if llm is not None and llm not in LLM_SCHEMES:
+        raise ConfigError(f"LLM scheme {llm!r} is not supported; choose from {list(LLM_SCHEMES)} or none")
+    if vision is None and llm is None:
+        raise ConfigError("nothing to quantize: both the vision scheme and the LLM scheme are none")
+    if llm == "w4a16":
+        check_group_size(group_size)
+
+
+def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | None = "w4a16",
+                   calib: Sequence[Any] = (), group_size: int = 128, alpha: float = 0.3,
+                   n_grid: int = 20, rows_per_call: int = 64) -> QuantResult:
+    """Quantize an :class:`~nvila.model.nvila.NvilaModel` in place.
+
+    ``calib``: processed prompts (:class:`~nvila.processing.processor.Prompt`, e.g. from
+    :func:`nvila.quant.data.calibration_prompts`); their media tiles calibrate the vision tower and their
+    fused embeddings the LLM. ``alpha``: SmoothQuant migration strength; ``n_grid``: AWQ grid points;
+    ``rows_per_call``: calibration rows kept per forward call and linear input (searches and report).
+    """
+    check_schemes(vision, llm, group_size)
+    if is_quantized(model):
+        raise ConfigError("the model is already quantized; quantize the float checkpoint instead")
+    if not calib:
+        raise ConfigError("quantization needs calibration prompts (none were given)")
+    result = QuantResult()
+    tiles = [m.pixels for p in calib for m in p.media]
+    if vision is not None:
+        if not tiles:
+            raise ConfigError("quantizing the vision tower needs calibration prompts with images or videos")
+        calibs = smoothquant(model.vision, tiles, alpha, model.vision_batch_size, rows_per_call)
+        _swap_part(model.vision.model, "vision_tower", calibs, vision, group_size, result)
+    if llm is not None:
+        with torch.no_grad():
+            embeds = [model.embed_prompt(p.input_ids, p.media) for p in calib]            # (L_fused, D) each
+        if llm == "w4a16":
+            calibs = awq(model.llm, embeds, 4, group_size, n_grid, rows_per_call)
+        else:
+            calibs = plain(model.llm, llm_groups(model.llm), lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1)
+                                                                      for e in embeds], rows_per_call)
+        _swap_part(model.llm, "llm", calibs, llm, group_size, result)
+    result.config = _config(vision, llm, group_size, alpha, len(calib), sum(t.shape[0] for t in tiles), result)
+    return result
+
+
+def _config(vision: str | None, llm: str | None, group_size: int, alpha: float, prompts: int, tiles: int,
+            result: QuantResult) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "vision": {"scheme": vision, "method": METHODS[vision], "alpha": alpha,
+                   "activations": "int8 per token, dynamic"} if vision else None,
+        "llm": ({"scheme": llm, "method": METHODS[llm], "w_bit": 4, "group_size": group_size, "zero_point": True}
+                if llm == "w4a16" else {"scheme": llm, "method": METHODS[llm]}) if llm else None,
+        "group_size": group_size,
+        "calibration": {"prompts": prompts, "tiles": tiles},
+        "modules": result.modules,
+    }
+
+
+def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], scheme: str, group_size: int,
+               result: QuantResult) -> None:
+    """Replace every calibrated linear of ``root`` by its quantized module and record its error."""
+    for name, c in calibs.items():
+        linear = root.get_submodule(name)
+        new = QUANTIZERS[scheme].from_float(linear, input_scale=c.pending, group_size=group_size)
+        x = c.inputs()
+        err = relative_error(new, linear, x.to(linear.weight.dtype)) if x is not None else None
+        replace_module(root, name, new)
+        official = official_name(root, part, name)
+        smoothing = "folded" if c.folded is not None else "input_scale" if c.pending is not None else "none"
+        result.report.append({"part": part, "name": official, "scheme": scheme, "smoothing": smoothing,
+                              "rel_error": err})
+        result.modules.append(module_entry(part, official, new))
+        if c.folded_into is not None:
+            result.folded.setdefault(part, set()).add(official_name(root, part, c.folded_into))
+
+
+@torch.no_grad()
+def relative_error(quantized: nn.Module, linear: nn.Module, x: torch.Tensor) -> float:
+    """||q(x) - f(x)|| / ||f(x)|| over the rows of ``x`` (bias included on both sides)."""
+    ref = linear(x).float()
+    return ((quantized(x).float() - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+
+
+def quantize_pipeline(pipe: Any, vision: str | None = "w8a8", llm: str | None = "w4a16", calib: Sequence[Any] = (),
+                      **options: Any) -> QuantResult:
+    """:func:`quantize_model` on a Pipeline's model, then prepare its checkpoint records for ``pipe.save``.
+
+    Tensors the quantizer wrote (quantized layers, norms and linears that absorbed a scale) are saved
+    as computed instead of being cast back to the dtype the float checkpoint stored them in.
+    """
+    result = quantize_model(pipe.model, vision, llm, calib, **options)
+    records = pipe.checkpoint.records
+    written: dict[str, set[str]] = {}
+    for r in result.report:
+        written.setdefault(r["part"], set()).add(r["name"])
+    for part, names in result.folded.items():
+        written.setdefault(part, set()).update(names)
+    for part, names in written.items():
+        dtypes = records[part].dtypes
+        for key in [k for k in dtypes if k.rpartition(".")[0] in names]:
+            del dtypes[key]
+    records[""].files[QUANT_CONFIG] = (json.dumps(result.config, indent=2) + "\n").encode()
+    pipe.media_cache.clear()     # encodings made by the float vision tower
+    return result
