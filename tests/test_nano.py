@@ -134,7 +134,7 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     after = load_file(str(align / "model" / "mm_projector" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
-    shipped = nano.ship_adapter(sft / "adapter", tmp_path / "shipped")
+    shipped = nano.ship_adapter(sft / "adapter", tmp_path / "shipped", dtype="float32")
     assert json.loads((shipped / "nvila_adapter.json").read_text())["base"] == "nvila:nano-base"
     msgs = [{"role": "user", "content": [{"type": "image", "image": records[0]["image"]},
                                          {"type": "text", "text": "what color is the shape? Answer with one word."}]}]
@@ -142,5 +142,15 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     # the trained model itself (LoRA merged in float32; the exported model/ folder rounds the LLM to bf16)
     trained = nvila.api.Pipeline(trainer.ckpt).next_token_logits(msgs)
     assert float((via_adapter - trained).abs().max()) < 1e-3
+    # the default bf16 storage: half the bytes, tensors equal to the trained ones rounded to bf16
+    small = nano.ship_adapter(sft / "adapter", tmp_path / "shipped-bf16")
+    from safetensors.torch import load_file as read
+
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        full, half = read(str(shipped / name)), read(str(small / name))
+        assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
+    rounded = nvila.load(nano_base, dtype="float32", lora=small).next_token_logits(msgs)
+    assert torch.nn.functional.cosine_similarity(rounded, trained, dim=0) > 0.999       # same model, bf16-rounded
+    assert int(rounded.argmax()) == int(trained.argmax())
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         nano.ship_adapter(tmp_path, tmp_path / "nothing")

@@ -203,11 +203,13 @@ def trained_adapter() -> Path | None:
     return folder if (folder / "adapter_config.json").is_file() else None
 
 
-def ship_adapter(adapter: str | Path, dest: str | Path | None = None) -> Path:
+def ship_adapter(adapter: str | Path, dest: str | Path | None = None, dtype: str = "bfloat16") -> Path:
     """Install a trained adapter as the shipped NVILA-Nano weights (``dest``: default the package folder).
 
     The adapter is loaded onto the Nano base first, so an adapter trained for another base is refused
-    before anything is replaced; its recorded base becomes ``nvila:nano-base``.
+    before anything is replaced; its recorded base becomes ``nvila:nano-base``. Its tensors are stored in
+    ``dtype`` (bfloat16 by default: half the size in the repository; loading upcasts them into the float32
+    model, and the shipped accuracy is measured on exactly these files).
     """
     from nvila.api import load
     src, out = Path(adapter), Path(dest) if dest is not None else shipped_adapter_dir()
@@ -222,6 +224,8 @@ def ship_adapter(adapter: str | Path, dest: str | Path | None = None) -> Path:
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+        if dtype != "float32":
+            _store_floats_as(tmp, getattr(torch, dtype))
         meta = tmp / "nvila_adapter.json"
         if meta.is_file():
             info = json.loads(meta.read_text())
@@ -237,6 +241,19 @@ def ship_adapter(adapter: str | Path, dest: str | Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _store_floats_as(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite every safetensors file of ``folder`` with its floating-point tensors in ``dtype``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        save_file(tensors, str(file), metadata=meta)
 
 
 def default_model() -> tuple[Path, Path | None]:

@@ -16,6 +16,8 @@ def _nano_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder")
     p.add_argument("--adapter", default="runs/nano/2-sft/adapter", help="ship: the trained adapter folder "
                    "(default: runs/nano/2-sft/adapter, what `make nano` trains)")
+    p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="ship: storage dtype of the shipped tensors (default bfloat16: half the size)")
     p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
 
 
@@ -28,7 +30,7 @@ def nano(args: argparse.Namespace) -> int:
     if args.action == "ship":
         from nvila.nano import ship_adapter
 
-        print(json.dumps({"adapter": str(ship_adapter(args.adapter))}))
+        print(json.dumps({"adapter": str(ship_adapter(args.adapter, dtype=args.ship_dtype))}))
         return 0
     base = build(args.out, force=args.force) if args.action == "build" else build(args.out)
     print(json.dumps({"base": str(base), "adapter": str(trained_adapter()) if trained_adapter() else None}))
