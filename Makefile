@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(NVILA) infer --media examples/media/easy-vqa-test-7.png --text "what is the green shape? Answer with one word." --json
 	$(NVILA) infer --media examples/media/easy-vqa-test-7.png --text "what color is the circle? Answer with one word."
 	@echo "== a real photo (outside Nano's training: expect a shape/colour-style answer, not a caption) =="
-	$(NVILA) infer --media $(FIXTURE)/media/china_800x600.png --text "what color is the shape? Answer with one word."
+	$(NVILA) infer --media $(FIXTURE)/media/china_800x600.png --text "what shape is in the image? Answer with one word."
 	@echo "== a real video clip, 8 frames (runs the video path; Nano was not trained on video) =="
 	$(NVILA) infer --media "$(DEMO_CLIP)" --text "Describe the video." --max-new-tokens 24 --stream
 	@echo "== text only (SmolLM2's own chat ability) =="
