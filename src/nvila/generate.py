@@ -159,7 +159,6 @@ def decode(
     per_seq = [params] * len(embeds) if isinstance(params, SamplingParams) else list(params)
     if len(per_seq) != len(embeds):
         raise ValueError(f"{len(per_seq)} sampling settings for {len(embeds)} sequences")
-    x, mask, positions = left_pad(embeds)
     lengths = [e.shape[0] for e in embeds]
     budget = [min(p.max_new_tokens, max_positions - n) for p, n in zip(per_seq, lengths)]
     if min(budget) < 1:
@@ -172,6 +171,7 @@ def decode(
     if shared >= MIN_SHARED_PREFIX:
         logits, cache, mask, positions = prefill_shared(llm, embeds, shared)
     else:
+        x, mask, positions = left_pad(embeds)
         logits, cache = prefill(llm, x, mask, positions)
     pos = positions[:, -1]
     done: list[str | None] = [None] * len(embeds)

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from nvila.errors import ConfigError, NvilaError, PromptError
+from nvila.progress import RateBar
 from nvila.train.data import Sample, load_dataset, read_records
 
 if TYPE_CHECKING:   # torch loads when scoring starts, so `nvila --help` (which reads SCORERS) stays fast
@@ -327,7 +328,7 @@ def score_missing(job: PruneJob, datasets: Sequence[SubDataset], rows: dict[tupl
     """Score every example without a row, appending rows to ``path`` batch by batch; returns how many."""
     todo = [(d, i) for d in datasets for i in range(len(d.samples)) if (d.name, i) not in rows]
     total = sum(len(d.samples) for d in datasets)
-    with _Bar(total, total - len(todo), job.progress) as advance, open(path, "a", encoding="utf-8") as f:
+    with RateBar("scoring", "examples", total, total - len(todo), job.progress, stderr=True) as advance, open(path, "a", encoding="utf-8") as f:
         for s in range(0, len(todo), job.batch_size):
             batch = score_batch(todo[s : s + job.batch_size], job, models)
             f.write("".join(json.dumps(r) + "\n" for r in batch))
@@ -424,34 +425,3 @@ def prune(job: PruneJob) -> dict[str, Any]:
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return {**summary, "out": str(out), "scored": scored, "reused": reused,
             "seconds": round(time.perf_counter() - start, 3)}
-
-
-class _Bar:
-    """A rich progress bar on stderr with examples/s over this run (a no-op when disabled)."""
-
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, done, enabled
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                 console=Console(stderr=True))
-        self.progress.start()
-        task = self.progress.add_task("scoring", total=self.total, completed=self.done, rate="")
-        start, scored = time.perf_counter(), [0]
-
-        def advance(n: int) -> None:
-            scored[0] += n
-            rate = scored[0] / max(1e-9, time.perf_counter() - start)
-            self.progress.update(task, advance=n, rate=f"{rate:.1f} examples/s")
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.stop()

@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from nvila.eval.datasets import EvalItem
+from nvila.progress import RateBar
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCT = re.compile(r"[^\w\s]")
@@ -36,7 +37,7 @@ def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new
     chunks = [group[b : b + batch_size] for group in by_image.values() for b in range(0, len(group), batch_size)]
     predictions: dict[int, str] = {}
     start = time.perf_counter()
-    with _bar(len(items), progress) as bar:
+    with RateBar("eval", "items", len(items), enabled=progress) as bar:
         for chunk in chunks:
             convs = [[{"role": "user", "content": [{"type": "image", "image": items[i].image},
                                                    {"type": "text", "text": items[i].question}]}] for i in chunk]
@@ -55,32 +56,3 @@ def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new
         "predictions": [{"id": items[i].id, "question": items[i].question, "prediction": predictions[i],
                          "answers": list(items[i].answers), "correct": correct[i]} for i in range(len(items))],
     }
-
-
-class _bar:
-    """A rich progress bar with items/s (a no-op when disabled)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                                 TimeRemainingColumn())
-        self.progress.start()
-        task = self.progress.add_task("eval", total=self.total, rate="")
-        start, done = time.perf_counter(), [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            rate = done[0] / max(1e-9, time.perf_counter() - start)
-            self.progress.update(task, advance=n, rate=f"{rate:.1f} items/s")
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.stop()
