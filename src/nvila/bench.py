@@ -30,6 +30,25 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
+def quantized_label(folder: str | Path) -> str:
+    """``w8a8+w4a16``-style label from a quantized checkpoint's quant_config.json."""
+    from nvila.checkpoint import QUANT_CONFIG
+
+    path = Path(folder) / QUANT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--quantized {folder}: no {QUANT_CONFIG} there; write one with `nvila quantize`")
+    cfg = json.loads(path.read_text())
+    schemes = [(cfg.get(part) or {}).get("scheme") for part in ("vision", "llm")]
+    return "+".join(s for s in schemes if s) or "quantized"
+
+
+def load_quantized(folder: str | Path, device: str, dtype: str) -> Any:
+    """A quantized checkpoint as ``nvila.load`` serves it (its quantized linears are its decode kernels)."""
+    from nvila.api import load
+
+    return load(folder, device=device, dtype=dtype, fast=False)
+
+
 @dataclass
 class BenchResult:
     """Medians of one setup (seconds unless stated)."""

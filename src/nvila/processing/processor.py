@@ -54,6 +54,7 @@ class Prompt:
     media: list[MediaItem]
     text: str
     labels: list[int] | None = None   # training: token id on assistant answers, IGNORE_INDEX elsewhere
+    branch: list[int] | None = None   # training, independent turns: -1 shared prefix, k = turn k (nvila.train.branches)
 
     @property
     def num_media_embeddings(self) -> int:

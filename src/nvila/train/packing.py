@@ -126,8 +126,8 @@ def _check_attention(model: Any) -> None:
     impl = cfg._attn_implementation
     if impl not in MASKED_ATTENTION:
         raise ConfigError(
-            f"packed batches need an attention implementation that takes a 4D mask ({', '.join(MASKED_ATTENTION)}); "
-            f"the LLM uses {impl!r}. Load it with attn_implementation='sdpa', or train without packing"
+            f"packed batches and independent turns need an attention implementation that takes a 4D mask ({', '.join(MASKED_ATTENTION)}); "
+            f"the LLM uses {impl!r}. Load it with attn_implementation='sdpa', or train without packing / independent turns"
         )
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
         # one 4D mask is handed to every layer, so sliding-window layers would silently attend too far

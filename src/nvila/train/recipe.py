@@ -53,6 +53,8 @@ class DataConfig:
     max_length: int | None = None          # fused tokens; default: the model's context length
     overlong: Literal["skip", "error"] = "skip"
     packing: bool = False                  # pack each micro-batch's samples into rows of max_length
+    independent_turns: bool = False        # train each question of a conversation as its own single-turn
+                                           # prompt, sharing the media prefix (nvila.train.branches)
     image_mode: str | None = None          # tiling override: dynamic_s2 | dynamic | resize
     max_tiles: int | None = None
     num_video_frames: int | None = None
@@ -265,6 +267,9 @@ def validate(r: Recipe) -> None:
     d = r.data
     if d.image_mode is not None and d.image_mode not in IMAGE_MODES:
         raise ConfigError(f"data.image_mode {d.image_mode!r} is not one of {list(IMAGE_MODES)}")
+    if d.independent_turns and d.packing:
+        raise ConfigError("data.independent_turns and data.packing cannot be combined: turns already share one "
+                          "row per conversation; set packing: false")
     if d.overlong not in ("skip", "error"):
         raise ConfigError(f"data.overlong must be 'skip' or 'error', got {d.overlong!r}")
     for name in ("max_length", "max_tiles", "num_video_frames"):

@@ -31,13 +31,25 @@ def fused_labels(prompt: Prompt, blocks: Sequence[torch.Tensor], media_ids: set[
 
 
 def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-    """Embed and right-pad a batch: inputs_embeds (B, L, D), attention_mask, position_ids, labels (B, L)."""
+    """Embed and right-pad a batch: inputs_embeds (B, L, D), attention_mask, position_ids, labels (B, L).
+
+    The attention mask is (B, L) 0/1 padding, or, when a prompt has independent turns
+    (:mod:`nvila.train.branches`), a (B, 1, L, L) additive mask that keeps every turn to itself.
+    """
     media_ids = set(model.media_token_ids.values())
-    embeds, labels = [], []
+    embeds, labels, branches = [], [], []
     for prompt in prompts:
         blocks = model.embed_media(prompt.media)
         embeds.append(model.fuse(prompt.input_ids, blocks))
         labels.append(fused_labels(prompt, blocks, media_ids))
+        if prompt.branch is not None:
+            from nvila.train.branches import fused_branches
+
+            branches.append(fused_branches(prompt, blocks, media_ids))
+        else:
+            branches.append([0] * embeds[-1].shape[0])        # one branch: plain causal attention
+    if any(p.branch is not None for p in prompts):
+        return _collate_branched(model, embeds, labels, branches)
     L = max(e.shape[0] for e in embeds)
     B, D = len(embeds), embeds[0].shape[1]
     x = embeds[0].new_zeros(B, L, D)
@@ -49,6 +61,29 @@ def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         mask[b, : e.shape[0]] = 1
     positions = torch.arange(L, device=x.device).expand(B, L)
     return {"inputs_embeds": x, "attention_mask": mask, "position_ids": positions, "labels": lab}
+
+
+def _collate_branched(model: Any, embeds: list[torch.Tensor], labels: list[list[int]],
+                      branches: list[list[int]]) -> dict[str, torch.Tensor]:
+    from nvila.train.branches import PAD, branch_mask, branch_positions
+    from nvila.train.packing import _check_attention
+
+    _check_attention(model)
+    L = max(e.shape[0] for e in embeds)
+    B, D = len(embeds), embeds[0].shape[1]
+    x = embeds[0].new_zeros(B, L, D)
+    lab = torch.full((B, L), IGNORE_INDEX, dtype=torch.long, device=x.device)
+    seg = torch.full((B, L), PAD, dtype=torch.long, device=x.device)
+    positions = torch.zeros(B, L, dtype=torch.long, device=x.device)
+    for b, (e, y, br) in enumerate(zip(embeds, labels, branches)):
+        n = e.shape[0]
+        x[b, :n] = e
+        lab[b, :n] = torch.tensor(y, device=x.device)
+        seg[b, :n] = torch.tensor(br, device=x.device)
+        positions[b, :n] = torch.tensor(branch_positions(br), device=x.device)
+        positions[b, n:] = torch.arange(L - n, device=x.device)
+    return {"inputs_embeds": x, "attention_mask": branch_mask(seg, x.dtype), "position_ids": positions,
+            "labels": lab}
 
 
 def lm_loss(model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, int]:

@@ -302,6 +302,10 @@ class Trainer:
 
     def _prompt(self, sample: Sample) -> Prompt:
         try:
+            if self.recipe.data.independent_turns:
+                from nvila.train.branches import branched_prompt
+
+                return branched_prompt(self.processor, sample.messages)
             return self.processor(sample.messages, training=True)
         except NvilaError as e:
             raise type(e)(f"sample {sample.id} of dataset {sample.dataset}: {e}") from None
