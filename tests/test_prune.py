@@ -303,3 +303,29 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, mess
     rc = main(["prune", *given, "--scorer", "random", "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_independent_turns_score_each_question_alone(tmp_path) -> None:
+    """--independent-turns: a multi-question record's summed log-probability is that of its single-turn
+    prompts scored one by one (nvila.train.branches), and the setting is part of the resume config."""
+    from nvila.train.branches import single_turns
+    from nvila.train.data import load_dataset
+
+    root = tmp_path / "data"
+    root.mkdir()
+    shutil.copy(MEDIA / "hopper_64x64.png", root)
+    rec = {"id": "multi", "image": "hopper_64x64.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A face."},
+        {"from": "human", "value": "Which colour?"}, {"from": "gpt", "value": "Grey."},
+        {"from": "human", "value": "Is it a cat?"}, {"from": "gpt", "value": "No."}]}
+    (root / "m.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "id": "again"}) + "\n")
+    P.prune(job([root / "m.jsonl"], tmp_path / "out", normalize="sum", independent_turns=True))
+    row = rows_of(tmp_path / "out")[0]
+    messages = load_dataset(root / "m.jsonl")[0].messages
+    for role, path in (("small", SMALL), ("large", LARGE)):
+        pipe = fixture_pipeline(path.name)
+        parts = [direct_logprob(pipe, turn) for turn in single_turns(messages)]
+        assert row[f"n_tokens_{role}"] == sum(n for _, n in parts)
+        assert math.isclose(row[f"logp_{role}"], sum(lp for lp, _ in parts), rel_tol=1e-4, abs_tol=1e-3)
+    with pytest.raises(ConfigError, match="independent_turns"):
+        P.prune(job([root / "m.jsonl"], tmp_path / "out", normalize="sum"))

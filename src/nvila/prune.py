@@ -158,6 +158,7 @@ class PruneJob:
     dtype: str = "auto"
     device: str = "auto"
     progress: bool = True
+    independent_turns: bool = False      # score as training with data.independent_turns does (nvila.train.branches)
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,8 @@ def run_config(job: PruneJob, scorer: Scorer, datasets: Sequence[SubDataset]) ->
     dtype = str(resolve_dtype(job.dtype, resolve_device(job.device))).removeprefix("torch.")
     models = {role: {"model": _source(getattr(job, role)), "lora": _source(getattr(job, f"{role}_lora"))}
               for role in scorer.needs}
-    return {"scorer": job.scorer, "normalize": job.normalize, "models": models,
+    return {"scorer": job.scorer, "normalize": job.normalize, "independent_turns": job.independent_turns,
+            "models": models,
             "dtype": dtype if scorer.needs else None, "seed": job.seed if scorer.seeded else None,
             "data": {d.name: d.digest for d in datasets}}
 
@@ -298,7 +300,8 @@ def load_models(job: PruneJob, roles: Sequence[str]) -> dict[str, Any]:
 def score_batch(items: Sequence[tuple[SubDataset, int]], job: PruneJob, models: dict[str, Any]) -> list[dict]:
     """Score rows of ``items`` ((sub-dataset, index) pairs), in order."""
     scorer = SCORERS[job.scorer]
-    per_model = {role: answer_logprobs(pipe.model, [_prompt(pipe, d.samples[i]) for d, i in items])
+    per_model = {role: answer_logprobs(pipe.model, [_prompt(pipe, d.samples[i], job.independent_turns)
+                                                    for d, i in items])
                  for role, pipe in models.items()}
     rows = []
     for k, (d, i) in enumerate(items):
@@ -316,8 +319,12 @@ def score_batch(items: Sequence[tuple[SubDataset, int]], job: PruneJob, models: 
     return rows
 
 
-def _prompt(pipe: Any, sample: Sample) -> Prompt:
+def _prompt(pipe: Any, sample: Sample, independent_turns: bool = False) -> Prompt:
     try:
+        if independent_turns:
+            from nvila.train.branches import branched_prompt
+
+            return branched_prompt(pipe.processor, sample.messages)
         return pipe.processor(sample.messages, training=True)
     except NvilaError as e:
         raise type(e)(f"sample {sample.id} of dataset {sample.dataset}: {e}") from None

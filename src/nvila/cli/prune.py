@@ -27,6 +27,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="; ".join(f"{k}: {v.help}" for k, v in SCORERS.items()) + " (default: deltaloss)")
     p.add_argument("--normalize", default="mean", choices=NORMALIZATIONS,
                    help="answer log-probability per token (mean, default) or in total (sum)")
+    p.add_argument("--independent-turns", action="store_true",
+                   help="score each question as its own single-turn prompt (as training with "
+                        "data.independent_turns sees it)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default 0)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
@@ -41,6 +44,6 @@ def prune_cmd(args: argparse.Namespace) -> int:
     job = PruneJob(data=tuple(args.data), out=args.out, keep=args.keep, scorer=args.scorer, normalize=args.normalize,
                    small=args.small, large=args.large, small_lora=args.small_lora, large_lora=args.large_lora,
                    batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, independent_turns=args.independent_turns)
     print(json.dumps(prune(job), indent=2))
     return 0
