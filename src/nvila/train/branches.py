@@ -15,7 +15,8 @@ once, followed by every turn's remaining tokens::
     input_ids   [ prefix ........ | suffix_0 ...... | suffix_1 ...... | ... ]
     branch      [ -1 -1 ... -1    | 0 0 ... 0       | 1 1 ... 1       | ... ]
 
-In training, token q attends to token k when k <= q and k is in the prefix or in q's own branch, and
+In training, token q attends to token k when k <= q and k is in the prefix or in q's own branch (the
+``shared`` segment of :func:`nvila.train.packing.block_causal_mask`), and
 each branch's positions continue from the end of the prefix, so every branch sees exactly its
 single-turn prompt (tested: the loss equals the single-turn prompts' summed loss).
 """
@@ -31,7 +32,8 @@ from nvila.errors import PromptError
 from nvila.processing.processor import IGNORE_INDEX, Prompt
 
 MEDIA_TYPES = ("image", "video")
-PREFIX = -1
+PREFIX = -1                  # branch id of the shared prefix
+PAD = -2                     # branch id of padding: a segment of its own
 
 
 def single_turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -91,12 +93,10 @@ def branched_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> Promp
 
 def fused_branches(prompt: Prompt, blocks: Sequence[torch.Tensor], media_ids: set[int]) -> list[int]:
     """The branch id of every fused position (media expanded; all media lie in the prefix)."""
+    from nvila.train.step import per_fused_position
+
     assert prompt.branch is not None
-    out: list[int] = []
-    it = iter(blocks)
-    for token, b in zip(prompt.input_ids, prompt.branch):
-        out += [b] * (next(it).shape[0] if token in media_ids else 1)
-    return out
+    return per_fused_position(prompt.input_ids, prompt.branch, blocks, media_ids)
 
 
 def branch_positions(branch: Sequence[int]) -> list[int]:
@@ -112,19 +112,3 @@ def branch_positions(branch: Sequence[int]) -> list[int]:
             seen[b] = seen.get(b, 0) + 1
     return out
 
-
-def branch_mask(branches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) branch ids (PREFIX = shared, PAD = padding) -> (B, 1, L, L) additive float mask.
-
-    q sees k when k <= q and k is in the prefix or in q's branch; padding sees only padding (and its
-    rows are never empty), so no row is fully masked.
-    """
-    L = branches.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=branches.device).tril()
-    q, k = branches[:, :, None], branches[:, None, :]
-    allowed = ((k == q) | ((k == PREFIX) & (q != PAD))) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=branches.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-PAD = -2

@@ -108,14 +108,18 @@ def collate_packed(model: Any, prompts: Sequence[Prompt], packs: list[list[int]]
             "position_ids": positions, "labels": lab}
 
 
-def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype, shared: int | None = None) -> torch.Tensor:
     """(B, L) segment ids -> (B, 1, L, L) additive mask: 0 where query q may see key k, dtype min elsewhere.
 
-    q sees k when both are in the same segment and k <= q.
+    q sees k when k <= q and both are in the same segment, or k is in the ``shared`` segment (the prefix
+    that independent turns share, :mod:`nvila.train.branches`).
     """
     L = segments.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()     # (L, L)
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal               # (B, L, L)
+    allowed = segments[:, :, None] == segments[:, None, :]                          # (B, L, L)
+    if shared is not None:
+        allowed |= (segments == shared)[:, None, :]
+    allowed &= causal
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 

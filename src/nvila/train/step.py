@@ -16,18 +16,25 @@ from nvila.errors import PromptError
 from nvila.processing.processor import IGNORE_INDEX, Prompt
 
 
+def per_fused_position(input_ids: Sequence[int], values: Sequence[Any], blocks: Sequence[torch.Tensor],
+                       media_ids: set[int], media_value: Any = None) -> list[Any]:
+    """One value per position of the fused sequence: each placeholder's value (or ``media_value``) repeated
+    over its media block's length."""
+    out: list[Any] = []
+    blocks_iter = iter(blocks)
+    for token, value in zip(input_ids, values):
+        if token in media_ids:
+            out += [value if media_value is None else media_value] * next(blocks_iter).shape[0]
+        else:
+            out.append(value)
+    return out
+
+
 def fused_labels(prompt: Prompt, blocks: Sequence[torch.Tensor], media_ids: set[int]) -> list[int]:
     """Labels of the fused sequence: each placeholder becomes its block's length of IGNORE_INDEX."""
     if prompt.labels is None:
         raise PromptError("the prompt has no labels; prepare it with training=True")
-    out: list[int] = []
-    blocks_iter = iter(blocks)
-    for token, label in zip(prompt.input_ids, prompt.labels):
-        if token in media_ids:
-            out += [IGNORE_INDEX] * next(blocks_iter).shape[0]
-        else:
-            out.append(label)
-    return out
+    return per_fused_position(prompt.input_ids, prompt.labels, blocks, media_ids, IGNORE_INDEX)
 
 
 def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
@@ -37,18 +44,19 @@ def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
     (:mod:`nvila.train.branches`), a (B, 1, L, L) additive mask that keeps every turn to itself.
     """
     media_ids = set(model.media_token_ids.values())
+    branched = any(p.branch is not None for p in prompts)
     embeds, labels, branches = [], [], []
     for prompt in prompts:
         blocks = model.embed_media(prompt.media)
         embeds.append(model.fuse(prompt.input_ids, blocks))
         labels.append(fused_labels(prompt, blocks, media_ids))
-        if prompt.branch is not None:
+        if branched:
             from nvila.train.branches import fused_branches
 
-            branches.append(fused_branches(prompt, blocks, media_ids))
-        else:
-            branches.append([0] * embeds[-1].shape[0])        # one branch: plain causal attention
-    if any(p.branch is not None for p in prompts):
+            # a prompt without turns is one branch: plain causal attention
+            branches.append(fused_branches(prompt, blocks, media_ids) if prompt.branch is not None
+                            else [0] * embeds[-1].shape[0])
+    if branched:
         return _collate_branched(model, embeds, labels, branches)
     L = max(e.shape[0] for e in embeds)
     B, D = len(embeds), embeds[0].shape[1]
@@ -65,8 +73,8 @@ def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
 
 def _collate_branched(model: Any, embeds: list[torch.Tensor], labels: list[list[int]],
                       branches: list[list[int]]) -> dict[str, torch.Tensor]:
-    from nvila.train.branches import PAD, branch_mask, branch_positions
-    from nvila.train.packing import _check_attention
+    from nvila.train.branches import PAD, PREFIX, branch_positions
+    from nvila.train.packing import _check_attention, block_causal_mask
 
     _check_attention(model)
     L = max(e.shape[0] for e in embeds)
@@ -82,7 +90,7 @@ def _collate_branched(model: Any, embeds: list[torch.Tensor], labels: list[list[
         seg[b, :n] = torch.tensor(br, device=x.device)
         positions[b, :n] = torch.tensor(branch_positions(br), device=x.device)
         positions[b, n:] = torch.arange(L - n, device=x.device)
-    return {"inputs_embeds": x, "attention_mask": branch_mask(seg, x.dtype), "position_ids": positions,
+    return {"inputs_embeds": x, "attention_mask": block_causal_mask(seg, x.dtype, shared=PREFIX), "position_ids": positions,
             "labels": lab}
 
 
