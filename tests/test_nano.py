@@ -135,17 +135,23 @@ def test_nano_recipes_and_training_data(tmp_path: Path, capsys) -> None:
 
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "nano"
     assert load_recipe(recipes / "1-align.yaml").model == "nvila:nano-base"
-    assert load_recipe(recipes / "2-sft.yaml").train.lora is not None
+    sft, tune = load_recipe(recipes / "2-sft.yaml"), load_recipe(recipes / "3-tune.yaml")
+    assert sft.train.lora is not None and sft.train.lora == tune.train.lora
+    assert Path(sft.data.datasets[0].path).name == "train-balanced.jsonl"
+    assert Path(tune.train.init_adapter) == Path(sft.output_dir) / "adapter"       # stage 3 continues stage 2
     assert main(["nano", "data", "--out", str(tmp_path)]) == 0
-    assert json.loads(capsys.readouterr().out)["conversations"] == 5491
+    written = json.loads(capsys.readouterr().out)
+    assert written["train"]["conversations"] == 5491 and written["train-balanced"]["conversations"] == 3542
     samples = load_dataset(tmp_path / "train.jsonl")
     assert len(samples) == 5491 and sum(len(s.messages) for s in samples) == 2 * 38575
     assert max(len(s.messages) for s in samples) == 20                    # at most 10 questions per conversation
+    balanced = load_dataset(tmp_path / "train-balanced.jsonl")
+    assert len(balanced) == 3542 and all(len(s.messages) == 18 for s in balanced)   # 9 questions per image
 
 
 def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: Path) -> None:
-    """A few steps of both Nano recipes on easy-VQA conversations (batch 1), then `nano ship` semantics:
-    the stage-2 adapter on the Nano base gives the logits of the trained stage-2 model."""
+    """A few steps of the three Nano recipes on easy-VQA conversations (batch 1), then `nano ship` semantics:
+    the stage-3 adapter (stage 2's, trained on) on the Nano base gives the logits of the trained model."""
     from nvila.eval.datasets import load_eval, to_training_records
     from nvila.train.recipe import load_recipe
     from nvila.train.trainer import Trainer, iter_metrics
@@ -159,7 +165,11 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     trainer = Trainer(load_recipe(recipes / "2-sft.yaml", common + [f"model={align / 'model'}"]), tmp_path / "sft",
                       progress=False)
     sft = trainer.run()
-    for run in (align, sft):
+    trainer = Trainer(load_recipe(recipes / "3-tune.yaml", common + [f"model={align / 'model'}",
+                                                                       f"train.init_adapter={sft / 'adapter'}"]),
+                      tmp_path / "tune", progress=False)
+    tune = trainer.run()
+    for run in (align, sft, tune):
         losses = [m["loss"] for m in iter_metrics(run / "metrics.jsonl")]
         assert len(losses) == 2 and all(np.isfinite(losses))
     # the aligned projector moved, the ViT and LLM of stage 1 did not
@@ -169,7 +179,7 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     after = load_file(str(align / "model" / "mm_projector" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
-    shipped = nano.ship_adapter(sft / "adapter", tmp_path / "shipped", dtype="float32")
+    shipped = nano.ship_adapter(tune / "adapter", tmp_path / "shipped", dtype="float32")
     stamp = json.loads((shipped / "nvila_adapter.json").read_text())
     assert stamp["base"] == "nvila:nano-base" and stamp["nano_build_version"] == nano.BUILD_VERSION
     msgs = [{"role": "user", "content": [{"type": "image", "image": records[0]["image"]},
@@ -179,7 +189,7 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     trained = nvila.api.Pipeline(trainer.ckpt).next_token_logits(msgs)
     assert float((via_adapter - trained).abs().max()) < 1e-3
     # the default bf16 storage: half the bytes, tensors equal to the trained ones rounded to bf16
-    small = nano.ship_adapter(sft / "adapter", tmp_path / "shipped-bf16")
+    small = nano.ship_adapter(tune / "adapter", tmp_path / "shipped-bf16")
     from safetensors.torch import load_file as read
 
     for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):

@@ -261,3 +261,33 @@ def test_chunked_head_logits_match_a_float32_linear(dtype: torch.dtype, monkeypa
     torch.testing.assert_close(h.grad, h_ref.grad)
     assert w.grad.dtype == dtype
     torch.testing.assert_close(w.grad.float(), w_ref.grad, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_init_adapter_continues_an_earlier_stage(tmp_path: Path) -> None:
+    """A later stage starts from an earlier stage's adapter (LoRA + projector + ViT LayerNorms), trains the
+    same tensors on and exports one adapter for the original base; mismatches are clear errors."""
+    first = Trainer(load_recipe(write_recipe(tmp_path, max_steps=2)), tmp_path / "first", progress=False).run()
+    stage1 = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", lora=first / "adapter").next_token_logits(QUESTION)
+    config = write_recipe(tmp_path, max_steps=2, init_adapter=str(first / "adapter"))
+    trainer = Trainer(load_recipe(config), tmp_path / "second", progress=False)
+    trainer.setup()
+    trainer.ckpt.model.eval()                                                # no LoRA dropout
+    start = nvila.api.Pipeline(trainer.ckpt).next_token_logits(QUESTION)
+    torch.testing.assert_close(start, stage1, atol=1e-4, rtol=1e-4)        # starts where stage 1 ended
+    second = Trainer(load_recipe(config), tmp_path / "second-run", progress=False).run()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (first, second))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    stage2 = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", lora=second / "adapter").next_token_logits(QUESTION)
+    assert not torch.allclose(stage2, stage1, atol=1e-4)
+    recipe = yaml.safe_load(config.read_text())
+    for change, message in (({"lora": {"r": 8, "alpha": 8, "dropout": 0.1}}, "make train.lora match the adapter"),
+                            ({"parts": {"vision": "frozen", "projector": "full", "llm": "frozen"},
+                              "lr": {"projector": 1e-3, "llm": 1e-3}}, "parts this recipe freezes"),
+                            ({"lora": None}, "set train.lora")):
+        bad = {**recipe, "train": {**recipe["train"], **change}}
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=message):
+            Trainer(load_recipe(path), tmp_path / "bad", progress=False).setup()

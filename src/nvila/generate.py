@@ -8,6 +8,8 @@ Prompts that share a prefix (several questions about one image) prefill that pre
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -56,11 +58,27 @@ def left_pad(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return x, mask, positions
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_arg(cls: type) -> str:
+    """The KV-cache keyword of a transformers model class: ``cache`` in newer releases (where
+    ``past_key_values`` is deprecated and slated for removal), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _with_cache(llm: Any, cache: Any) -> dict[str, Any]:
+    return {_cache_arg(type(llm)): cache}
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def prefill(llm: Any, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """Run the prompt; returns last-position logits (B, V) float32 and the KV cache."""
     out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), _cache_of(out)
 
 
 MIN_SHARED_PREFIX = 16    # shorter common prefixes are not worth a second forward call
@@ -94,14 +112,14 @@ def prefill_shared(
     B = len(embeds)
     prefix = embeds[0][:shared][None]
     out = llm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     cache.batch_repeat_interleave(B)
     x, suffix_mask, suffix_pos = left_pad([e[shared:] for e in embeds])
     mask = torch.cat([suffix_mask.new_ones(B, shared), suffix_mask], dim=1)
     positions = torch.cat([torch.arange(shared, device=x.device).expand(B, shared), suffix_pos + shared], dim=1)
-    out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions[:, shared:], past_key_values=cache,
-              use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values, mask, positions
+    out = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions[:, shared:],
+              use_cache=True, logits_to_keep=1, **_with_cache(llm, cache))
+    return out.logits[:, -1].float(), _cache_of(out), mask, positions
 
 
 @torch.inference_mode()
@@ -111,9 +129,9 @@ def decode_step(
     """One token per sequence (B,) at ``positions`` (B,) -> logits (B, V) float32 and the cache."""
     out = llm(
         input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-        past_key_values=cache, use_cache=True,
+        use_cache=True, **_with_cache(llm, cache),
     )
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), _cache_of(out)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

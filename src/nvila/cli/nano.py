@@ -14,8 +14,8 @@ def _nano_args(p: argparse.ArgumentParser) -> None:
                    "(once); path: print the base folder and the shipped adapter; data: write easy-VQA training files; "
                    "ship: install a trained adapter as the shipped NVILA-Nano weights")
     p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder")
-    p.add_argument("--adapter", default="runs/nano/2-sft/adapter", help="ship: the trained adapter folder "
-                   "(default: runs/nano/2-sft/adapter, what `make nano` trains)")
+    p.add_argument("--adapter", default="runs/nano/3-tune/adapter", help="ship: the trained adapter folder "
+                   "(default: runs/nano/3-tune/adapter, what `make nano` trains last)")
     p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="ship: storage dtype of the shipped tensors (default bfloat16: half the size)")
     p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
@@ -38,17 +38,24 @@ def nano(args: argparse.Namespace) -> int:
 
 
 def _nano_data(out: Path) -> int:
-    """easy-VQA train as LLaVA JSONL: up to 10 questions of an image per conversation, in a shuffled order.
+    """easy-VQA train as LLaVA JSONL, two files:
 
-    Several questions per image make one image encoding and one set of visual tokens serve ~10 answers:
-    about 3.5x fewer LLM tokens per answer than one question per sample."""
+    ``train.jsonl``: the split's own questions, up to 10 of an image per conversation in a shuffled order (one
+    image encoding and one set of visual tokens serve ~10 answers: ~3.5x fewer LLM tokens per answer).
+    ``train-balanced.jsonl``: per image 9 questions in the split's own wordings with yes/no answers 50/50 for
+    every wording (:mod:`nvila.eval.balance`), so the wording alone predicts nothing."""
+    from nvila.eval.balance import balanced_records
     from nvila.eval.datasets import load_eval, to_training_records
 
     out.mkdir(parents=True, exist_ok=True)
-    records = to_training_records(load_eval("easy-vqa", "train"), per_conversation=10, shuffle_seed=0)
-    path = out / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(json.dumps({"train": str(path), "conversations": len(records)}))
+    items = load_eval("easy-vqa", "train")
+    written = {}
+    for name, records in (("train", to_training_records(items, per_conversation=10, shuffle_seed=0)),
+                          ("train-balanced", balanced_records(items, seed=0))):
+        path = out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        written[name] = {"path": str(path), "conversations": len(records)}
+    print(json.dumps(written))
     return 0
 
 

@@ -220,14 +220,23 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
+def applied_settings(llm: nn.Module) -> LoraSettings:
+    """The settings of the LoRA layers on ``llm`` (target modules sorted)."""
+    cfg = llm.peft_config[ADAPTER]
+    return LoraSettings(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=tuple(sorted(cfg.target_modules)))
+
+
+def same_settings(a: LoraSettings, b: LoraSettings) -> bool:
+    return (a.r, a.alpha, a.dropout, set(a.target_modules)) == (b.r, b.alpha, b.dropout, set(b.target_modules))
+
+
 def _check_settings(llm: nn.Module, settings: LoraSettings) -> None:
     """The settings written to the folder must describe the layers actually on the model."""
-    cfg = llm.peft_config[ADAPTER]
-    used = (cfg.r, cfg.lora_alpha, cfg.lora_dropout, set(cfg.target_modules))
-    given = (settings.r, settings.alpha, settings.dropout, set(settings.target_modules))
-    if used != given:
-        raise ConfigError(f"save_adapter settings {settings} differ from the applied LoRA (r, alpha, dropout, "
-                          f"targets) = {used}; pass the settings given to apply_lora")
+    used = applied_settings(llm)
+    if not same_settings(used, settings):
+        raise ConfigError(f"save_adapter settings {settings} differ from the applied LoRA {used}; pass the "
+                          "settings given to apply_lora")
 
 
 # ---- load ------------------------------------------------------------------------------------------

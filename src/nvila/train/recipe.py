@@ -33,7 +33,7 @@ Precision = Literal["auto", "bf16", "fp32"]
 IMAGE_MODES = ("dynamic_s2", "dynamic", "resize")
 SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 HUB_KEYS = {("model",), ("assemble", "llm"), ("assemble", "vision")}   # a folder or a Hub id
-PATH_KEYS = HUB_KEYS | {("output_dir",), ("data", "datasets", "*", "path"), ("data", "datasets", "*", "media_root")}
+PATH_KEYS = HUB_KEYS | {("output_dir",), ("train", "init_adapter"), ("data", "datasets", "*", "path"), ("data", "datasets", "*", "media_root")}
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class TrainConfig:
     parts: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "projector": "full", "llm": "frozen"})
     lr: dict[str, float] = field(default_factory=dict)
     lora: LoraSettings | None = None     # LoRA on the LLM (peft); parts.llm stays frozen
+    init_adapter: str | None = None      # start LoRA + trained tensors from an adapter folder (a later stage)
     batch_size: int = 1                    # samples per micro-batch on each process
     grad_accum: int = 1
     epochs: float = 1.0
@@ -301,3 +302,5 @@ def validate(r: Recipe) -> None:
             raise ConfigError("train.lora trains the LLM through adapters: set train.parts.llm to 'frozen'")
         if "llm" not in t.lr:
             raise ConfigError("train.lora needs a learning rate for the adapters: set train.lr.llm")
+    if t.init_adapter is not None and t.lora is None:
+        raise ConfigError("train.init_adapter continues a LoRA run: set train.lora to the adapter's settings")

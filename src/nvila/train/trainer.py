@@ -178,7 +178,9 @@ class Trainer:
         self.ckpt = self._load_model()
         model = self.ckpt.model
         counts = set_trainable(model, t.parts)
-        if t.lora is not None:
+        if t.init_adapter is not None:
+            counts["llm"] += _continue_adapter(model, t.init_adapter, t.lora)
+        elif t.lora is not None:
             from nvila.train.lora import apply_lora
 
             counts["llm"] += apply_lora(model, t.lora)
@@ -536,6 +538,31 @@ def _retile(cfg: Any, changes: dict[str, Any]) -> Any:
     new = dataclasses.replace(cfg, raw=raw, **changes)
     new.validate()
     return new
+
+
+def _continue_adapter(model: nn.Module, folder: str, settings: Any) -> int:
+    """Load an earlier stage's adapter to train on: its LoRA layers (which must match ``settings``, so the
+    exported adapter describes them) and its other tensors, which must all be trainable in this recipe
+    (a frozen one would be left out of the exported adapter). Returns the LoRA parameter count."""
+    from safetensors import safe_open
+
+    from nvila.train.lora import LORA_MARK, OTHER_FILE, applied_settings, find_adapter, load_adapter, same_settings
+
+    load_adapter(model, folder)
+    found = applied_settings(model.llm)
+    if not same_settings(found, settings):
+        raise ConfigError(f"train.init_adapter {folder} has LoRA {found.to_dict()}, but train.lora is "
+                          f"{settings.to_dict()}: make train.lora match the adapter")
+    other = find_adapter(folder) / OTHER_FILE
+    if other.is_file():
+        params = dict(model.named_parameters())
+        with safe_open(str(other), "pt") as f:
+            frozen = sorted(k for k in f.keys() if not params[k].requires_grad)
+        if frozen:
+            raise ConfigError(f"train.init_adapter {folder} holds trained tensors of parts this recipe freezes "
+                              f"({frozen[:3]}...): train those parts too (train.parts), or the exported adapter "
+                              "would lose them")
+    return sum(p.numel() for n, p in model.llm.named_parameters() if LORA_MARK in n and p.requires_grad)
 
 
 def _checkpoint_activations(module: nn.Module) -> None:

@@ -1,0 +1,96 @@
+"""Answer-balanced easy-VQA training questions (nvila.eval.balance)."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+
+import pytest
+
+from nvila.errors import NvilaError
+from nvila.eval.balance import COLOUR, SHAPE, Mix, balanced_records, grammar, image_labels, negated
+from nvila.eval.datasets import ONE_WORD, EvalItem, load_eval
+
+pytest.importorskip("easy_vqa")
+
+
+@pytest.fixture(scope="module")
+def train() -> list[EvalItem]:
+    return load_eval("easy-vqa", "train")
+
+
+def _truth(question: str, answer: str, colour: str, shape: str) -> bool:
+    """Independent check of a generated pair from the literal question text."""
+    q = question.removesuffix(" " + ONE_WORD)
+    if answer not in ("yes", "no"):
+        return answer in (colour, shape)
+    named = set(re.findall(r"[a-z]+", q))
+    asks_present = not ({"not", "no"} & named)
+    value_there = colour in named or shape in named
+    return (answer == "yes") == (value_there == asks_present)
+
+
+def test_grammar_reads_the_vocabulary_and_wordings(train) -> None:
+    g = grammar(train)
+    assert g.colours == ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+    assert g.shapes == ("circle", "rectangle", "triangle")
+    assert "what is the {colour} shape?" in g.name_shape and "what color is the {shape}?" in g.name_colour
+    assert len(g.ask_colour) == len(g.ask_shape) == 8
+    assert sum(map(negated, g.ask_colour)) == sum(map(negated, g.ask_shape)) == 4
+    assert negated("is no {shape} present?") and not negated("is a {shape} present?")
+
+
+def test_labels_predict_held_out_answers(train) -> None:
+    """Labels read off half of each image's questions answer the other half exactly (a real check: a wrong
+    negation rule or slot parser makes some yes/no answers disagree)."""
+    g = grammar(train)
+    rng = random.Random(0)
+    fit, held = [], []
+    for item in train:
+        (fit if rng.random() < 0.5 else held).append(item)
+    labels = image_labels(fit, g)
+    checked = 0
+    for item in held:
+        lab = labels.get(item.image, {})
+        if "colour" in lab and "shape" in lab:
+            assert _truth(item.question, item.answers[0], lab["colour"], lab["shape"]), item
+            checked += 1
+    assert checked > 10000
+
+
+def test_balanced_records_are_balanced_and_correct(train) -> None:
+    g = grammar(train)
+    labels = image_labels(train, g)
+    records = balanced_records(train, Mix(1, 2, 4, 2), seed=0)
+    complete = [img for img, lab in labels.items() if len(lab) == 2]
+    assert len(records) == len(complete) == len({r["image"] for r in records})
+    per_wording: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        turns = r["conversations"]
+        assert len(turns) == 18 and turns[0]["value"].startswith("<image>\n")
+        assert sum("<image>" in t["value"] for t in turns) == 1
+        lab = labels[r["image"]]
+        for q, a in zip(turns[::2], turns[1::2]):
+            question = q["value"].removeprefix("<image>\n")
+            assert question.endswith(ONE_WORD)
+            assert _truth(question, a["value"], lab["colour"], lab["shape"]), (question, a, lab)
+            if a["value"] in ("yes", "no"):
+                wording = re.sub(r"\b(" + "|".join(g.colours) + r")\b", COLOUR, question)
+                per_wording[re.sub(r"\b(" + "|".join(g.shapes) + r")\b", SHAPE, wording)][a["value"]] += 1
+    assert len(per_wording) == 16
+    for wording, counts in per_wording.items():          # the wording alone no longer predicts the answer
+        assert 0.4 < counts["yes"] / sum(counts.values()) < 0.6, (wording, counts)
+    assert balanced_records(train, seed=0) == records and balanced_records(train, seed=1) != records
+
+
+def test_contradictions_and_foreign_data_are_refused() -> None:
+    items = [EvalItem("a", "img.png", f"what shape is in the image? {ONE_WORD}", ("circle",)),
+             EvalItem("b", "img.png", f"is there a red shape? {ONE_WORD}", ("yes",)),
+             EvalItem("c", "img.png", f"what color is the shape? {ONE_WORD}", ("red",)),
+             EvalItem("d", "img.png", f"what is the red shape? {ONE_WORD}", ("triangle",))]
+    with pytest.raises(NvilaError, match="contradictory shape"):
+        image_labels(items, grammar(items))
+    with pytest.raises(NvilaError, match="easy-VQA"):
+        grammar([EvalItem("x", "i.png", "what animal is this?", ("cat",))])
+
