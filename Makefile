@@ -44,16 +44,18 @@ demo: $(STAMP)
 	@echo "== text only (SmolLM2's own chat ability) =="
 	$(NVILA) infer --text "What is the capital of France?" --max-new-tokens 24
 
-# Reproduce the shipped NVILA-Nano weights: build, data, align, balanced LoRA SFT, tuning on the split's own
-# questions, ship, evaluate on the full test set.
+# Reproduce the shipped NVILA-Nano weights: build, data, align, balanced LoRA SFT, the caption curriculum for
+# yes/no, negation, tuning on the split's own questions, ship, evaluate on the full test set.
 nano: $(STAMP)
 	$(NVILA) nano build
 	$(NVILA) nano data --out data/easy-vqa
 	rm -rf runs/nano
 	$(NVILA) train --config recipes/nano/1-align.yaml
 	$(NVILA) train --config recipes/nano/2-sft.yaml
-	$(NVILA) train --config recipes/nano/3-tune.yaml
-	$(NVILA) nano ship --adapter runs/nano/3-tune/adapter
+	$(NVILA) train --config recipes/nano/3-caption.yaml
+	$(NVILA) train --config recipes/nano/4-negation.yaml
+	$(NVILA) train --config recipes/nano/5-tune.yaml
+	$(NVILA) nano ship --adapter runs/nano/5-tune/adapter
 	$(NVILA) eval --dataset easy-vqa --split test --json docs/perf/nano-easy-vqa-test.json
 
 BENCH_DIR ?= .cache/bench

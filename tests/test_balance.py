@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter, defaultdict
@@ -9,7 +10,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from nvila.errors import NvilaError
-from nvila.eval.balance import COLOUR, SHAPE, Mix, balanced_records, grammar, image_labels, negated
+from nvila.eval.balance import COLOUR, SHAPE, Mix, balanced_records, captioned, grammar, image_labels, negated
 from nvila.eval.datasets import ONE_WORD, EvalItem, load_eval
 
 pytest.importorskip("easy_vqa")
@@ -82,6 +83,47 @@ def test_balanced_records_are_balanced_and_correct(train) -> None:
     for wording, counts in per_wording.items():          # the wording alone no longer predicts the answer
         assert 0.4 < counts["yes"] / sum(counts.values()) < 0.6, (wording, counts)
     assert balanced_records(train, seed=0) == records and balanced_records(train, seed=1) != records
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_negated_share_of_yes_no_wordings(train, share) -> None:
+    g = grammar(train)
+    labels = image_labels(train, g)
+    records = balanced_records(train, Mix(1, 1, 5, 2, negated=share), seed=2)
+    flags, answers = [], Counter()
+    for r in records:
+        lab = labels[r["image"]]
+        turns = r["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            question = q["value"].removeprefix("<image>\n")
+            assert _truth(question, a["value"], lab["colour"], lab["shape"]), (question, a, lab)
+            if a["value"] in ("yes", "no"):
+                flags.append(bool(re.search(r"\b(not|no)\b", question.removesuffix(ONE_WORD))))
+                answers[a["value"]] += 1
+    assert len(flags) == 7 * len(records)
+    assert abs(sum(flags) / len(flags) - share) < 0.02
+    assert 0.48 < answers["yes"] / len(flags) < 0.52       # still 50/50: only the wordings change
+
+
+def test_captions_describe_the_image_and_change_nothing_else(train) -> None:
+    labels = image_labels(train, grammar(train))
+    records = balanced_records(train, Mix(1, 1, 5, 2), seed=4)
+    before = json.dumps(records)
+    out = captioned(records, labels, 0.25, seed=4)
+    assert json.dumps(records) == before                                  # the input is not modified
+    assert captioned(records, labels, 0.0) == records
+    shown = total = 0
+    for r, c in zip(records, out):
+        lab = labels[r["image"]]
+        assert c["image"] == r["image"] and c["conversations"][1::2] == r["conversations"][1::2]   # same answers
+        for plain, new in zip(r["conversations"][::2], c["conversations"][::2]):
+            total += 1
+            if new == plain:
+                continue
+            shown += 1
+            head = "<image>\n" if plain["value"].startswith("<image>\n") else ""
+            assert new["value"] == f"{head}The image shows a {lab['colour']} {lab['shape']}. " + plain["value"][len(head):]
+    assert abs(shown / total - 0.25) < 0.02
 
 
 def test_contradictions_and_foreign_data_are_refused() -> None:

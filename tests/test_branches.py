@@ -57,6 +57,20 @@ def test_branched_prompt_layout(pipe: nvila.Pipeline) -> None:
     assert branch_positions([-1, -1, 0, 0, 1, 1, 1]) == [0, 1, 2, 3, 2, 3, 4]
 
 
+def test_branched_prompt_reads_the_shared_image_once(pipe: nvila.Pipeline, monkeypatch) -> None:
+    from nvila import media as media_io
+
+    reads = []
+    load = media_io.load_image
+    monkeypatch.setattr(media_io, "load_image", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    prompt = branched_prompt(pipe.processor, CONVERSATION)
+    assert reads == [IMAGE]                                     # 3 turns, one read
+    alone = pipe.processor(single_turns(CONVERSATION)[0], training=True)
+    assert len(reads) == 2                                      # outside a branched prompt nothing is kept
+    torch.testing.assert_close(prompt.media[0].pixels, alone.media[0].pixels, rtol=0, atol=0)
+    assert prompt.media[0].plan == alone.media[0].plan
+
+
 def test_branched_loss_equals_single_turn_losses(pipe: nvila.Pipeline) -> None:
     model = pipe.model
     prompt = branched_prompt(pipe.processor, CONVERSATION)

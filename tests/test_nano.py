@@ -135,10 +135,16 @@ def test_nano_recipes_and_training_data(tmp_path: Path, capsys) -> None:
 
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "nano"
     assert load_recipe(recipes / "1-align.yaml").model == "nvila:nano-base"
-    sft, tune = load_recipe(recipes / "2-sft.yaml"), load_recipe(recipes / "3-tune.yaml")
-    assert sft.train.lora is not None and sft.train.lora == tune.train.lora
+    sft, caption, negation, tune = (load_recipe(recipes / f"{name}.yaml")
+                                    for name in ("2-sft", "3-caption", "4-negation", "5-tune"))
+    assert sft.train.lora is not None and sft.train.lora == caption.train.lora == negation.train.lora == tune.train.lora
     assert Path(sft.data.datasets[0].path).name == "train-balanced.jsonl"
-    assert Path(tune.train.init_adapter) == Path(sft.output_dir) / "adapter"       # stage 3 continues stage 2
+    assert Path(caption.data.datasets[0].path).name == "train-captioned.jsonl"
+    assert Path(negation.data.datasets[0].path).name == "train-captioned-all.jsonl"
+    assert Path(caption.train.init_adapter) == Path(sft.output_dir) / "adapter"     # each stage continues the last
+    assert Path(negation.train.init_adapter) == Path(caption.output_dir) / "adapter"
+    assert Path(tune.train.init_adapter) == Path(negation.output_dir) / "adapter"
+    assert Path(tune.data.datasets[0].path).name == "train.jsonl"
     assert main(["nano", "data", "--out", str(tmp_path)]) == 0
     written = json.loads(capsys.readouterr().out)
     assert written["train"]["conversations"] == 5491 and written["train-balanced"]["conversations"] == 3542
@@ -147,11 +153,17 @@ def test_nano_recipes_and_training_data(tmp_path: Path, capsys) -> None:
     assert max(len(s.messages) for s in samples) == 20                    # at most 10 questions per conversation
     balanced = load_dataset(tmp_path / "train-balanced.jsonl")
     assert len(balanced) == 3542 and all(len(s.messages) == 18 for s in balanced)   # 9 questions per image
+    for name, share in (("train-captioned", 0.5), ("train-captioned-all", 0.25)):
+        assert written[name]["conversations"] == 3542
+        questions = [m for s in load_dataset(tmp_path / f"{name}.jsonl") for m in s.messages if m["role"] == "user"]
+        shown = sum("The image shows a " in json.dumps(m["content"]) for m in questions)
+        assert len(questions) == 9 * 3542 and abs(shown / len(questions) - share) < 0.02
 
 
 def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: Path) -> None:
-    """A few steps of the three Nano recipes on easy-VQA conversations (batch 1), then `nano ship` semantics:
-    the stage-3 adapter (stage 2's, trained on) on the Nano base gives the logits of the trained model."""
+    """A few steps of the five Nano recipes on easy-VQA conversations (batch 1), then `nano ship` semantics:
+    the stage-5 adapter (stage 2's, trained on three times) on the Nano base gives the logits of the trained
+    model."""
     from nvila.eval.datasets import load_eval, to_training_records
     from nvila.train.recipe import load_recipe
     from nvila.train.trainer import Trainer, iter_metrics
@@ -165,11 +177,17 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     trainer = Trainer(load_recipe(recipes / "2-sft.yaml", common + [f"model={align / 'model'}"]), tmp_path / "sft",
                       progress=False)
     sft = trainer.run()
-    trainer = Trainer(load_recipe(recipes / "3-tune.yaml", common + [f"model={align / 'model'}",
-                                                                       f"train.init_adapter={sft / 'adapter'}"]),
+    caption = Trainer(load_recipe(recipes / "3-caption.yaml", common + [f"model={align / 'model'}",
+                                                                         f"train.init_adapter={sft / 'adapter'}"]),
+                      tmp_path / "caption", progress=False).run()
+    negation = Trainer(load_recipe(recipes / "4-negation.yaml",
+                                   common + [f"model={align / 'model'}", f"train.init_adapter={caption / 'adapter'}"]),
+                       tmp_path / "negation", progress=False).run()
+    trainer = Trainer(load_recipe(recipes / "5-tune.yaml", common + [f"model={align / 'model'}",
+                                                                      f"train.init_adapter={negation / 'adapter'}"]),
                       tmp_path / "tune", progress=False)
     tune = trainer.run()
-    for run in (align, sft, tune):
+    for run in (align, sft, caption, negation, tune):
         losses = [m["loss"] for m in iter_metrics(run / "metrics.jsonl")]
         assert len(losses) == 2 and all(np.isfinite(losses))
     # the aligned projector moved, the ViT and LLM of stage 1 did not

@@ -233,7 +233,7 @@ def ship_adapter(adapter: str | Path, dest: str | Path | None = None, dtype: str
     src, out = Path(adapter), Path(dest) if dest is not None else shipped_adapter_dir()
     if not (src / "adapter_config.json").is_file():
         raise CheckpointError(f"{src} is not a LoRA adapter folder (no adapter_config.json); train one with "
-                              "`make nano` (its last stage writes runs/nano/3-tune/adapter)")
+                              "`make nano` (its last stage writes runs/nano/5-tune/adapter)")
     load(build(), dtype="float32", device="cpu", lora=src)          # refuses adapters of another base
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,8 +14,8 @@ def _nano_args(p: argparse.ArgumentParser) -> None:
                    "(once); path: print the base folder and the shipped adapter; data: write easy-VQA training files; "
                    "ship: install a trained adapter as the shipped NVILA-Nano weights")
     p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder")
-    p.add_argument("--adapter", default="runs/nano/3-tune/adapter", help="ship: the trained adapter folder "
-                   "(default: runs/nano/3-tune/adapter, what `make nano` trains last)")
+    p.add_argument("--adapter", default="runs/nano/5-tune/adapter", help="ship: the trained adapter folder "
+                   "(default: runs/nano/5-tune/adapter, what `make nano` trains last)")
     p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="ship: storage dtype of the shipped tensors (default bfloat16: half the size)")
     p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
@@ -43,15 +43,23 @@ def _nano_data(out: Path) -> int:
     ``train.jsonl``: the split's own questions, up to 10 of an image per conversation in a shuffled order (one
     image encoding and one set of visual tokens serve ~10 answers: ~3.5x fewer LLM tokens per answer).
     ``train-balanced.jsonl``: per image 9 questions in the split's own wordings with yes/no answers 50/50 for
-    every wording (:mod:`nvila.eval.balance`), so the wording alone predicts nothing."""
-    from nvila.eval.balance import balanced_records
+    every wording (:mod:`nvila.eval.balance`), so the wording alone predicts nothing.
+    ``train-captioned.jsonl``: positive yes/no wordings only, half of all questions with the image's
+    description before them; ``train-captioned-all.jsonl``: every wording, a quarter captioned. The
+    caption curriculum of :func:`nvila.eval.balance.captioned`."""
+    from nvila.eval.balance import Mix, balanced_records, captioned, grammar, image_labels
     from nvila.eval.datasets import load_eval, to_training_records
 
     out.mkdir(parents=True, exist_ok=True)
     items = load_eval("easy-vqa", "train")
+    labels = image_labels(items, grammar(items))
+    positive = balanced_records(items, Mix(1, 1, 5, 2, negated=0.0), seed=3)
     written = {}
     for name, records in (("train", to_training_records(items, per_conversation=10, shuffle_seed=0)),
-                          ("train-balanced", balanced_records(items, seed=0))):
+                          ("train-balanced", balanced_records(items, seed=0)),
+                          ("train-captioned", captioned(positive, labels, 0.5, seed=3)),
+                          ("train-captioned-all",
+                           captioned(balanced_records(items, Mix(1, 1, 5, 2), seed=4), labels, 0.25, seed=4))):
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         written[name] = {"path": str(path), "conversations": len(records)}

@@ -118,6 +118,11 @@ class Mix:
     name_colour: int = 2
     ask_colour: int = 4
     ask_shape: int = 2
+    # share of yes/no questions in a negated wording; None: as the split's wordings come (half of them).
+    # At one half, and with "yes"/"no" 50/50 for every wording, whether the named value is in the image
+    # says nothing about the answer until negation is known too (an XOR): its gradient averages to zero
+    # and a model can sit at chance on yes/no. Positive wordings only (0.0) teach the comparison first.
+    negated: float | None = None
 
 
 def balanced_records(items: Sequence[EvalItem], mix: Mix = Mix(), seed: int = 0) -> list[dict]:
@@ -140,8 +145,13 @@ def balanced_records(items: Sequence[EvalItem], mix: Mix = Mix(), seed: int = 0)
             qa.append((rng.choice(g.name_colour).replace(SHAPE, shape), colour))
         for count, wordings, slot, truth, values in ((mix.ask_colour, g.ask_colour, COLOUR, colour, g.colours),
                                                      (mix.ask_shape, g.ask_shape, SHAPE, shape, g.shapes)):
+            if mix.negated is not None:
+                split = {flag: [t for t in wordings if negated(t) == flag] for flag in (False, True)}
             for _ in range(count):
-                t = rng.choice(wordings)
+                if mix.negated is None:
+                    t = rng.choice(wordings)
+                else:
+                    t = rng.choice(split[rng.random() < mix.negated] or wordings)
                 value = truth if rng.random() < 0.5 else rng.choice([v for v in values if v != truth])
                 present = value == truth
                 qa.append((t.replace(slot, value), "yes" if present != negated(t) else "no"))
@@ -152,3 +162,25 @@ def balanced_records(items: Sequence[EvalItem], mix: Mix = Mix(), seed: int = 0)
             turns.append({"from": "gpt", "value": a})
         records.append({"id": first_id[image], "image": image, "conversations": turns})
     return records
+
+
+def captioned(records: Sequence[dict], labels: dict[str, dict[str, str]], share: float, seed: int = 0) -> list[dict]:
+    """``records`` with, for a ``share`` of the questions, the image's description put before the question
+    ("The image shows a red circle. is there a blue shape?").
+
+    A curriculum for yes/no: a 135 M LLM does not learn to compare a named colour or shape with the image
+    from images alone (measured: the yes/no loss stays at ln 2), but it learns the comparison with a
+    caption in the text, and with half of the questions uncaptioned the image's visual tokens come to
+    serve the same comparison. Evaluation never shows captions."""
+    rng = random.Random(seed)
+    out = []
+    for record in records:
+        lab = labels[record["image"]]
+        turns = [dict(t) for t in record["conversations"]]
+        for turn in turns[::2]:
+            if rng.random() < share:
+                head = "<image>\n" if turn["value"].startswith("<image>\n") else ""
+                caption = f"The image shows a {lab['colour']} {lab['shape']}."
+                turn["value"] = f"{head}{caption} {turn['value'].removeprefix(head)}"
+        out.append({**record, "conversations": turns})
+    return out

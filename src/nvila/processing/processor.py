@@ -7,8 +7,9 @@ imports the model; the model consumes a Prompt and checks its counts against the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -76,6 +77,30 @@ class Processor:
         self.max_pixels = max_pixels or media_io.DEFAULT_MAX_PIXELS
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self._reuse: dict[tuple, MediaItem] | None = None
+
+    @contextmanager
+    def reusing_media(self) -> Iterator[None]:
+        """Within the block each media source (same file or bytes, same options) is read, tiled and
+        normalised once: several prompts about one image share its MediaItem (pixels are not copied)."""
+        outer = self._reuse
+        if outer is None:
+            self._reuse = {}
+        try:
+            yield
+        finally:
+            self._reuse = outer
+
+    def _reused(self, key: tuple, make: Any) -> MediaItem:
+        if self._reuse is None or key[1] is None:
+            return make()
+        try:
+            hash(key)
+        except TypeError:       # an option that is not a plain value
+            return make()
+        if key not in self._reuse:
+            self._reuse[key] = make()
+        return self._reuse[key]
 
     def __call__(
         self,
@@ -102,13 +127,15 @@ class Processor:
         n_img = 0
         for ref in refs:
             if ref.kind == "image":
-                item = self._image(ref.source, single)
+                key = ("image", _media_key(ref.source), single)
+                item = self._reused(key, lambda: self._image(ref.source, single))
                 if item.plan.kind == "dynamic":
                     expansion[n_img] = (IMAGE_TOKEN + "\n") * item.plan.placeholders
                 n_img += 1
             else:
                 opts = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames} | ref.options
-                item = self._video(ref.source, **opts)
+                key = ("video", _media_key(ref.source), tuple(sorted(opts.items())))
+                item = self._reused(key, lambda: self._video(ref.source, **opts))
             items.append(item)
         text = build_prompt(msgs, self.tokenizer, self.chat_template, expansion, add_generation_prompt)
         if training:

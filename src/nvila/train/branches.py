@@ -67,7 +67,8 @@ def single_turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]
 
 def branched_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> Prompt:
     """The single-turn training prompts of ``messages`` sharing their common prefix (one Prompt)."""
-    singles = [processor(conv, training=True) for conv in single_turns(messages)]
+    with processor.reusing_media():     # the turns share their media: read and tile each once
+        singles = [processor(conv, training=True) for conv in single_turns(messages)]
     if len(singles) == 1:
         return singles[0]
     first = singles[0].input_ids
