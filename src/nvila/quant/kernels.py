@@ -30,6 +30,14 @@ float32 ``F.linear`` for decoding here: on this CPU they save memory (int8 weigh
 bf16 ones, 4-bit about a quarter), not time.
 Machines with AVX512-VNNI/AMX may differ: re-measure before changing :data:`CPU_MAX_ROWS`.
 
+They do. On an AVX512-BF16/VNNI AMD EPYC (one thread, the other core busy, ms, median), with *bf16*
+activations: decode 1 x 1536 x 8960 F.linear bf16 7.2, W8A16 fused 1.8, W4A16 fused (g128) 0.47;
+16 x 1536 x 8960 bf16 7.8, W8A16 15.0, W4A16 7.0; 1024 x 1152 x 4304 bf16 21.5-55.7, ``torch._int_mm``
+10.7-33 (exact), but the whole eager W8A8 layer (per-token quantize, ``_int_mm``, dequantize) 0.8-1.2x
+bf16 because quantizing a wide input is cache-unfriendly (a compiled quantize: 1.1 ms instead of 22 for
+1024 x 4304). With *float32* activations every fused op is 5-40x slower than ``F.linear`` there. The
+rule below does not yet use these numbers (it would key on CPU capability and activation dtype).
+
 CUDA (code path only, no GPU was available to measure it): W4A16 uses the tinygemm kernel
 ``aten._weight_int4pack_mm`` (bfloat16 activations, compute capability >= 8.0), W8A8 uses ``torch._int_mm``
 (cuBLASLt; needs M > 16 and K, N multiples of 8), W8A16 the reference.

@@ -122,7 +122,7 @@ def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], schem
         linear = root.get_submodule(name)
         new = QUANTIZERS[scheme].from_float(linear, input_scale=c.pending, group_size=group_size)
         x = c.inputs()
-        err = relative_error(new, linear, x.to(linear.weight.dtype)) if x is not None else None
+        err = relative_error(new, linear, x.to(linear.weight.dtype), c.reference) if x is not None else None
         replace_module(root, name, new)
         official = official_name(root, part, name)
         smoothing = "folded" if c.folded is not None else "input_scale" if c.pending is not None else "none"
@@ -134,9 +134,13 @@ def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], schem
 
 
 @torch.no_grad()
-def relative_error(quantized: nn.Module, linear: nn.Module, x: torch.Tensor) -> float:
-    """||q(x) - f(x)|| / ||f(x)|| over the rows of ``x`` (bias included on both sides)."""
-    ref = linear(x).float()
+def relative_error(quantized: nn.Module, linear: nn.Module, x: torch.Tensor,
+                   reference: torch.Tensor | None = None) -> float:
+    """||q(x) - f(x)|| / ||f(x)|| over the rows of ``x`` (bias included on both sides).
+
+    ``reference``: f(x) computed before calibration changed the float weight (AWQ clipping), if it did.
+    """
+    ref = linear(x).float() if reference is None else reference.float()
     return ((quantized(x).float() - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
