@@ -82,6 +82,19 @@ def test_quantized_linear_error_bounds(cls: type, low: float, high: float) -> No
         assert low < relative_error(cls.from_float(lin), lin, x) < high
 
 
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_bf16_rows_use_the_fused_op_only_on_cpus_with_native_bf16(scheme: str) -> None:
+    from nvila.model.fast import cpu_has_native_bf16
+
+    m = QUANTIZERS[scheme].from_float(gaussian_linear(256, 96, seed=3), group_size=128)
+    x = gaussian(10, 256, seed=7).bfloat16()
+    ref = m.reference(x).float()
+    torch.testing.assert_close(m.kernel(x).float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+    assert kernels.use_kernel(scheme, x, 10, 96, 256, 128) == cpu_has_native_bf16()
+    assert not kernels.use_kernel(scheme, x.float(), 10, 96, 256, 128)            # float32 rows: AVX2 rule
+    assert not kernels.use_kernel(scheme, x, 17, 96, 256, 128)
+
+
 @pytest.mark.parametrize("scheme", sorted(QUANTIZERS))
 @pytest.mark.parametrize("k", [256, 176])           # 176: W4A16's last group is short (176 = 128 + 48)
 def test_fused_kernel_equals_reference(scheme: str, k: int) -> None:

@@ -36,7 +36,8 @@ activations: decode 1 x 1536 x 8960 F.linear bf16 7.2, W8A16 fused 1.8, W4A16 fu
 10.7-33 (exact), but the whole eager W8A8 layer (per-token quantize, ``_int_mm``, dequantize) 0.8-1.2x
 bf16 because quantizing a wide input is cache-unfriendly (a compiled quantize: 1.1 ms instead of 22 for
 1024 x 4304). With *float32* activations every fused op is 5-40x slower than ``F.linear`` there. The
-rule below does not yet use these numbers (it would key on CPU capability and activation dtype).
+rule below uses them for the weight-only schemes (:data:`CPU_BF16_MAX_ROWS`); W8A8 keeps the AVX2 rule
+until its activation quantization is faster.
 
 CUDA (code path only, no GPU was available to measure it): W4A16 uses the tinygemm kernel
 ``aten._weight_int4pack_mm`` (bfloat16 activations, compute capability >= 8.0), W8A8 uses ``torch._int_mm``
@@ -48,15 +49,27 @@ from __future__ import annotations
 import torch
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-# Largest number of rows for which the fused CPU op is used, from the table above.
+# Largest number of rows for which the fused CPU op is used, from the AVX2 table above.
 CPU_MAX_ROWS = {"w8a16": 1, "w4a16": 1, "w8a8": 1}
+# The same with bf16 activations on CPUs with native bf16 (AVX512-BF16/AMX), from the second table: the
+# weight-only ops beat dequantize-then-matmul up to at least 16 rows there (measured at 1 and 16 rows).
+CPU_BF16_MAX_ROWS = {"w8a16": 16, "w4a16": 16, "w8a8": 1}
+
+
+def cpu_max_rows(scheme: str, dtype: torch.dtype) -> int:
+    """Rows up to which the fused CPU op runs a ``scheme`` layer with activations of ``dtype``."""
+    from nvila.model.fast import cpu_has_native_bf16
+
+    if dtype == torch.bfloat16 and cpu_has_native_bf16():
+        return CPU_BF16_MAX_ROWS[scheme]
+    return CPU_MAX_ROWS[scheme]
 
 
 def use_kernel(scheme: str, x: torch.Tensor, rows: int, out_features: int, in_features: int,
                group_size: int | None = None) -> bool:
     """True when the fused op should run ``x`` (``rows`` rows) for this layer shape; False: reference."""
     if x.device.type == "cpu":
-        if rows > CPU_MAX_ROWS[scheme]:
+        if rows > cpu_max_rows(scheme, x.dtype):
             return False
         if scheme == "w4a16":
             return out_features % 16 == 0 and group_size in INT4_KERNEL_GROUPS
