@@ -9,6 +9,7 @@ and ``F.linear`` otherwise. Parameter names and values are unchanged (a module s
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -41,8 +42,12 @@ def use_decode_linear(module: nn.Module) -> int:
     return count
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32.
+
+    Read once per process: quantized linears ask on every forward call.
+    """
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvila.errors import ConfigError
-from nvila.quant.linear import fake_quant_int4
+from nvila.quant.linear import fake_quant_int4, padded_width
 
 # Transformer block class -> (op producing the input, linears reading it), names relative to the block.
 _ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -267,7 +267,7 @@ def awq_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, bits: int =
     r = 1 is always a candidate, so the kept error never exceeds plain min/max quantization.
     """
     n, k = weight.shape
-    kp = -(-k // group_size) * group_size
+    kp = padded_width(k, group_size)
     groups = kp // group_size
     xg = F.pad(x.float(), (0, kp - k)).view(x.shape[0], groups, group_size).transpose(0, 1)  # (G, R, g)
     gram = xg.transpose(1, 2) @ xg / max(x.shape[0], 1)                                    # (G, g, g)
@@ -290,7 +290,7 @@ def awq_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, bits: int =
 def clip_weight(weight: torch.Tensor, ratios: torch.Tensor, group_size: int) -> torch.Tensor:
     """``weight`` (N, K) with every group clamped to its shrunk range (ratios (N, G) from :func:`awq_clip`)."""
     n, k = weight.shape
-    kp = -(-k // group_size) * group_size
+    kp = padded_width(k, group_size)
     w = F.pad(weight.float(), (0, kp - k)).view(n, -1, group_size)
     r = ratios[..., None].to(w)
     lo, hi = w.amin(-1, keepdim=True).clamp(max=0) * r, w.amax(-1, keepdim=True).clamp(min=0) * r
@@ -307,20 +307,17 @@ def apply_clipping(root: nn.Module, calibs: dict[str, LinearCalib], group_size: 
     the attention softmax, where a per-output error measure is a poor guide).
     """
     for name, c in calibs.items():
-        x = c.inputs()
-        if x is None or name.rsplit(".", 1)[-1] in ("q_proj", "k_proj"):
+        inputs = c.inputs()
+        if inputs is None or name.rsplit(".", 1)[-1] in ("q_proj", "k_proj"):
             continue
         linear = root.get_submodule(name)
         w = linear.weight.detach().float()
+        x = inputs.float().to(w.device)
         s = c.pending.float().to(w.device) if c.pending is not None else None
-        scaled = w * s if s is not None else w
-        x = x.float().to(w.device)
-        if s is not None:
-            x = x / s
-        ratios = awq_clip(scaled, x, group_size, bits, n_grid)
-        clipped = clip_weight(scaled, ratios, group_size)
+        scaled, x = (w * s, x / s) if s is not None else (w, x)
+        clipped = clip_weight(scaled, awq_clip(scaled, x, group_size, bits, n_grid), group_size)
         with torch.no_grad():
-            c.reference = linear(c.inputs().to(linear.weight.dtype)).float()
+            c.reference = linear(inputs.to(linear.weight.dtype)).float()
             linear.weight.copy_((clipped / s if s is not None else clipped).to(linear.weight.dtype))
 
 
