@@ -32,6 +32,21 @@ def test_decode_linear_equals_linear(bias: bool, rows: int) -> None:
     assert torch.equal(fast.weight, lin.weight)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_lm_head_gets_a_contiguous_input(fast: bool) -> None:
+    """Last-position logits of a batch arrive as a strided view; the head multiplies a contiguous copy."""
+    pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", device="cpu", fast=fast)
+    head = pipe.model.llm.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    hidden = torch.randn(3, 5, head.in_features)
+    strided = hidden[:, -1:, :]
+    assert not strided.is_contiguous()
+    out = head(strided)
+    assert seen == [True]
+    torch.testing.assert_close(out, F.linear(hidden[:, -1:, :].contiguous(), head.weight, head.bias))
+
+
 def test_swap_keeps_parameters_and_ties() -> None:
     pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="bfloat16", device="cpu", fast=True)
     llm = pipe.model.llm

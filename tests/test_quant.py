@@ -23,12 +23,13 @@ import nvila
 from conftest import CHECKPOINTS, MEDIA
 from nvila.cli.main import main
 from nvila.errors import CheckpointError, ConfigError
+from nvila.model.fast import cpu_has_int8_dot, cpu_has_native_bf16
 from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothquant
 from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, smooth_scale
 from nvila.quant.data import calibration_conversations, calibration_prompts
 from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A16Linear, fake_quant_int4, pack_int4,
-                                unpack_int4)
-from nvila.quant.model import relative_error
+                                quantize_int8, quantize_rows_int8, unpack_int4)
+from nvila.quant.model import correct_bias, relative_error
 
 LITE = CHECKPOINTS / "nvila-lite"
 IMAGE = MEDIA / "china_800x600.png"
@@ -84,8 +85,6 @@ def test_quantized_linear_error_bounds(cls: type, low: float, high: float) -> No
 
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
 def test_bf16_rows_use_the_fused_op_only_on_cpus_with_native_bf16(scheme: str) -> None:
-    from nvila.model.fast import cpu_has_native_bf16
-
     m = QUANTIZERS[scheme].from_float(gaussian_linear(256, 96, seed=3), group_size=128)
     x = gaussian(10, 256, seed=7).bfloat16()
     ref = m.reference(x).float()
@@ -93,6 +92,17 @@ def test_bf16_rows_use_the_fused_op_only_on_cpus_with_native_bf16(scheme: str) -
     assert kernels.use_kernel(scheme, x, 10, 96, 256, 128) == cpu_has_native_bf16()
     assert not kernels.use_kernel(scheme, x.float(), 10, 96, 256, 128)            # float32 rows: AVX2 rule
     assert not kernels.use_kernel(scheme, x, 17, 96, 256, 128)
+
+
+def test_chunked_activation_quantization_is_bit_identical_and_leaves_the_input_alone() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (gaussian(600, 96, seed=1) * torch.linspace(0.01, 30, 600)[:, None]).to(dtype)
+        x[5] = 0                                                           # an all-zero row: codes 0
+        before = x.clone()
+        codes, scales = quantize_rows_int8(x, chunk=256)                   # 600 rows: 2 whole chunks + 88
+        want_codes, want_scales = quantize_int8(x)
+        assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+        assert torch.equal(x, before) and not codes[5].any()
 
 
 @pytest.mark.parametrize("scheme", sorted(QUANTIZERS))
@@ -104,8 +114,12 @@ def test_fused_kernel_equals_reference(scheme: str, k: int) -> None:
         ref = m.reference(x)
         torch.testing.assert_close(m.kernel(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     one, many = gaussian(1, 1, k, seed=4), gaussian(2, 5, k, seed=5)          # forward keeps leading dims
-    assert kernels.use_kernel(scheme, one, 1, 96, k, 128) and not kernels.use_kernel(scheme, many, 10, 96, k, 128)
-    assert torch.equal(m(one), m.kernel(one)) and torch.equal(m(many), m.reference(many))
+    # several float32 rows: the reference, except W8A8 on CPUs with int8 dot products (VNNI/AMX)
+    fused_many = scheme == "w8a8" and cpu_has_int8_dot()
+    assert kernels.use_kernel(scheme, one, 1, 96, k, 128)
+    assert kernels.use_kernel(scheme, many, 10, 96, k, 128) == fused_many
+    assert torch.equal(m(one), m.kernel(one))
+    assert torch.equal(m(many), m.kernel(many) if fused_many else m.reference(many))
     assert m(many).shape == (2, 5, 96)
 
 
@@ -231,6 +245,35 @@ def test_awq_folds_preserve_float_logits() -> None:
     assert calibs["model.layers.0.self_attn.o_proj"].pending is not None
 
 
+def test_bias_correction_removes_the_mean_output_shift() -> None:
+    lin = nn.Linear(256, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(gaussian(64, 256, seed=1))
+    shift = torch.linspace(-3, 3, 256)                         # inputs with a non-zero mean per channel
+    calib_rows, held_out = gaussian(512, 256, seed=2) + shift, gaussian(512, 256, seed=3) + shift
+    q = W4A16Linear.from_float(lin)
+
+    def mean_shift(m: nn.Module, x: torch.Tensor) -> float:
+        return (lin(x) - m(x)).mean(0).abs().max().item()
+
+    before = mean_shift(q, held_out)
+    correct_bias(q, lin, calib_rows)
+    assert q.bias is not None and "bias" in dict(q.named_buffers())
+    assert mean_shift(q, calib_rows) < 1e-4 * lin(calib_rows).abs().max().item()
+    assert mean_shift(q, held_out) < 0.3 * before                # the shift is a property of the inputs' mean
+
+
+def test_bias_correction_round_trip(tmp_path: Path) -> None:
+    pipe = fresh_lite()
+    quantize_pipeline(pipe, "w8a8", "w4a16", calib=calib(pipe), bias_correction=True)
+    pipe.save(tmp_path / "bc")
+    loaded = nvila.load(tmp_path / "bc", dtype="float32", device="cpu")
+    assert torch.equal(loaded.next_token_logits(QUESTION), pipe.next_token_logits(QUESTION))
+    assert json.loads((tmp_path / "bc" / "quant_config.json").read_text())["llm"]["bias_correction"] is True
+    with safe_open(str(tmp_path / "bc" / "llm" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.down_proj.bias" in f.keys()          # Qwen2's MLP has no bias of its own
+
+
 # ---- checkpoint round trip -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[nvila.Pipeline, Path, dict[str, torch.Tensor]]:
@@ -292,7 +335,8 @@ def test_corrupt_quantized_tensors_are_checkpoint_errors(quantized, tmp_path: Pa
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.update(format_version=99), "format_version 99"),
-    (lambda c: c["modules"][0].update(in_features=65), r"\(in, out, bias\)"),
+    (lambda c: c["modules"][0].update(in_features=65), r"\(in, out\)"),
+    (lambda c: c["modules"][0].update(bias=False), "has no bias but the model's layer has one"),
     (lambda c: c["modules"][-1].update(name="model.layers.9.mlp.up_proj"), "does not exist"),
     (lambda c: c["modules"][0].update(scheme="w2a2"), "unknown scheme"),
 ])

@@ -101,9 +101,10 @@ def load(
                               "float model (nvila merge), then quantize the result")
         load_adapter(ckpt.model, lora)
         merge_lora(ckpt.model)
-    if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
-        from nvila.model.fast import use_decode_linear
+    from nvila.model.fast import contiguous_head, use_decode_linear
 
+    contiguous_head(ckpt.model.llm)
+    if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
         use_decode_linear(ckpt.model.llm)
     return Pipeline(ckpt)
 

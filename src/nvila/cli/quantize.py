@@ -24,6 +24,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
                    "(default: the example images in recipes/examples/data/images)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration prompts used (default 16)")
     p.add_argument("--group-size", type=int, default=128, help="W4A16 input channels per scale (default 128)")
+    p.add_argument("--bias-correction", action="store_true", help="add each LLM layer's mean output error "
+                   "over the calibration inputs to its bias")
     p.add_argument("--alpha", type=float, default=0.3, help="SmoothQuant migration strength (default 0.3)")
     p.add_argument("--dtype", default="float32", help="dtype calibration runs in (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
@@ -48,7 +50,8 @@ def quantize_cmd(args: argparse.Namespace) -> int:
         raise NvilaError(f"output folder {out} exists and is not empty; choose a new path")
     pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, fast=False)
     prompts = calibration_prompts(pipe.processor, args.calib, args.calib_samples)
-    result = quantize_pipeline(pipe, vision, llm, calib=prompts, group_size=args.group_size, alpha=args.alpha)
+    result = quantize_pipeline(pipe, vision, llm, calib=prompts, group_size=args.group_size, alpha=args.alpha,
+                               bias_correction=args.bias_correction)
     pipe.save(out)
     calibration = {"data": args.calib or "default images", **result.config["calibration"]}
     report = {"model": args.model, "out": str(out), "vision": vision, "llm": llm, "group_size": args.group_size,

@@ -21,6 +21,7 @@ class DecodeLinear(nn.Linear):
     """``nn.Linear`` that uses ``torch.mv`` for a single bf16 row on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
         if x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.bfloat16:
             y = torch.mv(self.weight, x.reshape(-1))                 # (out,)
             if self.bias is not None:
@@ -42,14 +43,39 @@ def use_decode_linear(module: nn.Module) -> int:
     return count
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32.
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
-    Read once per process: quantized linears ask on every forward call.
+
+def contiguous_head(llm: nn.Module) -> None:
+    """Make the LM head's input contiguous before its matmul.
+
+    Generation asks the LLM for the last position's logits only, and transformers takes that position as
+    a strided view of the hidden states; CPU GEMMs on such a view of a batch are pathologically slow
+    (measured: 9 x 576 -> 49,155 in bf16 842 ms strided vs 4.5 ms contiguous; float32 100 vs 17 ms).
     """
+    head = llm.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once per process:
+    quantized linears ask on every forward call."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -100,13 +100,15 @@ def _empty(part_module: nn.Module, part: str, entry: dict[str, Any]) -> QuantLin
         raise CheckpointError(f"{where} does not exist in the model its config.json describes") from None
     if not isinstance(linear, nn.Linear):
         raise CheckpointError(f"{where} is a {type(linear).__name__}, not a Linear layer")
-    found = (linear.in_features, linear.out_features, linear.bias is not None)
-    listed = (entry["in_features"], entry["out_features"], bool(entry["bias"]))
+    found = (linear.in_features, linear.out_features)
+    listed = (entry["in_features"], entry["out_features"])
     if found != listed:
-        raise CheckpointError(f"{where}: (in, out, bias) {listed} in the file but {found} in the model")
+        raise CheckpointError(f"{where}: (in, out) {listed} in the file but {found} in the model")
+    if linear.bias is not None and not entry["bias"]:          # bias correction may add a bias, never drop one
+        raise CheckpointError(f"{where} has no bias but the model's layer has one")
     options = {"group_size": int(entry["group_size"])} if entry["scheme"] == "w4a16" and "group_size" in entry else {}
     try:
-        return QUANTIZERS[entry["scheme"]](linear.in_features, linear.out_features, linear.bias is not None,
+        return QUANTIZERS[entry["scheme"]](linear.in_features, linear.out_features, bool(entry["bias"]),
                                            bool(entry["input_scale"]), linear.weight.dtype, linear.weight.device,
                                            **options)
     except (ValueError, TypeError) as e:

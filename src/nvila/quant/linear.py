@@ -41,6 +41,24 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_rows_int8(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) :func:`quantize_int8` of (M, K) activations, bit-identical to it, in row chunks.
+
+    One float32 chunk at a time, updated in place: the whole-tensor version allocates four (M, K) float32
+    temporaries, which made quantizing a 1024 x 4304 ViT activation 25 ms on a CPU where this takes 2-3 ms
+    and the int8 GEMM that follows 11 ms (chunks of 256 rows measured best among 8-256).
+    """
+    m = x.shape[0]
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty(m, 1, device=x.device)
+    for start in range(0, m, chunk):
+        rows = x[start : start + chunk].to(torch.float32, copy=True)    # a copy: the caller's x stays as it is
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS).div_(127)
+        scales[start : start + chunk] = scale
+        codes[start : start + chunk] = rows.div_(scale).round_().clamp_(-127, 127)
+    return codes, scales
+
+
 def padded_width(in_features: int, group_size: int) -> int:
     """K rounded up to a whole number of groups."""
     return -(-in_features // group_size) * group_size
@@ -184,14 +202,14 @@ class W8A8Linear(W8A16Linear):
     scheme = "w8a8"
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        qx, sx = quantize_int8(self._prepare(x))                       # (M, K) int8, (M, 1)
+        qx, sx = quantize_rows_int8(self._prepare(x))                  # (M, K) int8, (M, 1)
         acc = qx.float() @ self.weight.float().t()                     # integer sums, exact below 2^24
-        return self._finish(acc * sx * self.weight_scale.float(), x.shape, x.dtype)
+        return self._finish(acc.mul_(sx).mul_(self.weight_scale.float()), x.shape, x.dtype)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        qx, sx = quantize_int8(self._prepare(x))
-        acc = kernels.int8_int8_mm(qx, self.weight)                    # (M, N) int32
-        return self._finish(acc.float() * sx * self.weight_scale.float(), x.shape, x.dtype)
+        qx, sx = quantize_rows_int8(self._prepare(x))
+        acc = kernels.int8_int8_mm(qx, self.weight).float()            # (M, N) int32 sums
+        return self._finish(acc.mul_(sx).mul_(self.weight_scale.float()), x.shape, x.dtype)
 
 
 class W4A16Linear(QuantLinear):

@@ -23,7 +23,7 @@ from torch import nn
 from nvila.errors import ConfigError
 from nvila.quant.calibrate import LinearCalib, awq, llm_groups, plain, smoothquant
 from nvila.quant.config import FORMAT_VERSION, QUANT_CONFIG, is_quantized, module_entry, official_name, replace_module
-from nvila.quant.linear import QUANTIZERS, check_group_size
+from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size
 
 VISION_SCHEMES = ("w8a8",)
 LLM_SCHEMES = ("w4a16", "w8a16")
@@ -68,13 +68,16 @@ def check_schemes(vision: str | None, llm: str | None, group_size: int) -> None:
 
 def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | None = "w4a16",
                    calib: Sequence[Any] = (), group_size: int = 128, alpha: float = 0.3,
-                   n_grid: int = 20, rows_per_call: int = 64) -> QuantResult:
+                   n_grid: int = 20, rows_per_call: int = 64, bias_correction: bool = False) -> QuantResult:
     """Quantize an :class:`~nvila.model.nvila.NvilaModel` in place.
 
     ``calib``: processed prompts (:class:`~nvila.processing.processor.Prompt`, e.g. from
     :func:`nvila.quant.data.calibration_prompts`); their media tiles calibrate the vision tower and their
     fused embeddings the LLM. ``alpha``: SmoothQuant migration strength; ``n_grid``: AWQ grid points;
     ``rows_per_call``: calibration rows kept per forward call and linear input (searches and report).
+    ``bias_correction``: add the mean output error of every weight-only LLM layer over its calibration
+    inputs to its bias, E[x](W - W_q)^T (layers without a bias get one), so 4-bit rounding does not shift
+    the layer's average output.
     """
     check_schemes(vision, llm, group_size)
     if is_quantized(model):
@@ -96,8 +99,10 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
         else:
             calibs = plain(model.llm, llm_groups(model.llm), lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1)
                                                                       for e in embeds], rows_per_call)
-        _swap_part(model.llm, "llm", calibs, llm, group_size, result)
+        _swap_part(model.llm, "llm", calibs, llm, group_size, result, bias_correction)
     result.config = _config(vision, llm, group_size, alpha, len(calib), sum(t.shape[0] for t in tiles), result)
+    if llm is not None:
+        result.config["llm"]["bias_correction"] = bias_correction
     return result
 
 
@@ -116,12 +121,14 @@ def _config(vision: str | None, llm: str | None, group_size: int, alpha: float, 
 
 
 def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], scheme: str, group_size: int,
-               result: QuantResult) -> None:
+               result: QuantResult, bias_correction: bool = False) -> None:
     """Replace every calibrated linear of ``root`` by its quantized module and record its error."""
     for name, c in calibs.items():
         linear = root.get_submodule(name)
         new = QUANTIZERS[scheme].from_float(linear, input_scale=c.pending, group_size=group_size)
         x = c.inputs()
+        if bias_correction and x is not None:
+            correct_bias(new, linear, x.to(linear.weight.dtype), c.reference)
         err = relative_error(new, linear, x.to(linear.weight.dtype), c.reference) if x is not None else None
         replace_module(root, name, new)
         official = official_name(root, part, name)
@@ -131,6 +138,18 @@ def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], schem
         result.modules.append(module_entry(part, official, new))
         if c.folded_into is not None:
             result.folded.setdefault(part, set()).add(official_name(root, part, c.folded_into))
+
+
+@torch.no_grad()
+def correct_bias(quantized: QuantLinear, linear: nn.Module, x: torch.Tensor,
+                 reference: torch.Tensor | None = None) -> None:
+    """Add mean_rows(f(x) - q(x)) to the quantized layer's bias (created if the float layer had none)."""
+    ref = linear(x).float() if reference is None else reference.float()
+    delta = (ref - quantized(x).float()).mean(dim=0)
+    if quantized.bias is None:
+        quantized.bias = delta.to(linear.weight.dtype)      # a registered buffer slot: saved and loaded
+    else:
+        quantized.bias.add_(delta.to(quantized.bias.dtype))
 
 
 @torch.no_grad()
