@@ -94,6 +94,17 @@ def test_bf16_rows_use_the_fused_op_only_on_cpus_with_native_bf16(scheme: str) -
     assert not kernels.use_kernel(scheme, x, 17, 96, 256, 128)
 
 
+def test_w4a16_reference_in_chunks_equals_the_whole_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = W4A16Linear.from_float(gaussian_linear(176, 200, seed=2), group_size=32)
+    monkeypatch.setattr(W4A16Linear, "REFERENCE_CHUNK_ELEMENTS", 64 * 176)      # 200 outputs: 4 chunks
+    for dtype in (torch.float32, torch.bfloat16):
+        x = gaussian(3, 9, 176, seed=4).to(dtype)
+        whole = (x.reshape(-1, 176) @ m.dequantized(dtype).t() + m.bias.to(dtype)).view(3, 9, 200)
+        # the same weights; the GEMM may sum in another order for a narrower output block
+        torch.testing.assert_close(m.reference(x), whole, rtol=0, atol=1e-6 * whole.abs().max().item())
+    assert torch.equal(m.dequantized(torch.float32, 64, 128), m.dequantized(torch.float32)[64:128])
+
+
 def test_chunked_activation_quantization_is_bit_identical_and_leaves_the_input_alone() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         x = (gaussian(600, 96, seed=1) * torch.linspace(0.01, 30, 600)[:, None]).to(dtype)

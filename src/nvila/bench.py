@@ -87,11 +87,23 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _tensor_bytes(module: torch.nn.Module, skip: torch.Tensor | None = None) -> int:
+    """Bytes of a module's parameters and buffers (quantized layers keep their weights as buffers)."""
+    seen: set[int] = set()
+    total = 0
+    for t in (*module.parameters(), *module.buffers()):
+        if t is skip or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
 def _decode_weight_bytes(llm: torch.nn.Module) -> int:
     """Bytes of LLM weights read per decoded token (the input embedding table is only gathered)."""
     emb = llm.get_input_embeddings().weight
     head = llm.get_output_embeddings()
-    total = sum(p.numel() * p.element_size() for p in llm.parameters() if p is not emb)
+    total = _tensor_bytes(llm, skip=emb)
     if head is not None and head.weight is emb:
         total += emb.numel() * emb.element_size()
     return total
@@ -161,7 +173,7 @@ def bench_setup(
     prompt = pipe.prepare(messages, **(media_options or {}))
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
     weight_bytes = _decode_weight_bytes(pipe.model.llm)
-    all_bytes = sum(p.numel() * p.element_size() for p in pipe.model.parameters())
+    all_bytes = _tensor_bytes(pipe.model)
     result = BenchResult(
         label=label, **med, decode_gb_per_s=weight_bytes * med["decode_tokens_per_s"] / 1e9,
         peak_rss_bytes=_peak_rss(), weight_bytes=all_bytes, num_visual_tokens=prompt.num_media_embeddings,

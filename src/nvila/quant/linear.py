@@ -216,6 +216,7 @@ class W4A16Linear(QuantLinear):
     """4-bit weight, group-wise scales and zero points; activations stay float."""
 
     scheme = "w4a16"
+    REFERENCE_CHUNK_ELEMENTS = 1 << 20    # weight elements dequantized at a time by the reference path
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
@@ -244,14 +245,24 @@ class W4A16Linear(QuantLinear):
     def _kernel_width(self) -> int:
         return self.padded_in
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """(N, K) weight in ``dtype`` (padding columns dropped)."""
-        w = dequantize_int4(unpack_int4(self.weight), self.weight_scale, self.weight_zero, self.group_size)
+    def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(N, K) weight in ``dtype`` (padding columns dropped); output rows ``start:stop`` only if given."""
+        sl = slice(start, stop)
+        w = dequantize_int4(unpack_int4(self.weight[sl]), self.weight_scale[sl], self.weight_zero[sl], self.group_size)
         return w[:, : self.in_features].to(dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize and multiply, about 2^20 weights (output channels x K) at a time: the same weights as
+        dequantizing all at once (results equal up to float summation order), without its large float32
+        temporaries, which made prefill of a W4A16 LLM
+        4.6x slower than bf16 (152 x 1536 -> 8960 in bf16: 55 ms whole, ~11 chunked, ``F.linear`` 5-7)."""
         rows = self._prepare(x)
-        return self._finish(rows @ self.dequantized(rows.dtype).t(), x.shape, x.dtype)
+        out = rows.new_empty(rows.shape[0], self.out_features)
+        chunk = max(64, self.REFERENCE_CHUNK_ELEMENTS // self.padded_in)
+        for start in range(0, self.out_features, chunk):
+            stop = min(start + chunk, self.out_features)
+            torch.matmul(rows, self.dequantized(rows.dtype, start, stop).t(), out=out[:, start:stop])
+        return self._finish(out, x.shape, x.dtype)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._prepare(x)
