@@ -86,8 +86,8 @@ nano-quant: $(STAMP)
 		--json docs/perf/nano-w4-easy-vqa-test.json
 
 # DeltaLoss mini-replication (needs `make nano`'s stage-1 model): score a 480-conversation easy-VQA pool with
-# the stage-1 model (small) and the shipped Nano (large), keep 50 % by DeltaLoss and at random, train one
-# student per subset from stage 1 (one epoch each), evaluate every student on the full test set.
+# the stage-1 model (small) and the shipped Nano (large), keep 50 % by DeltaLoss and at random (two draws),
+# train one student per subset from stage 1 (one epoch each), evaluate every student on the full test set.
 PRUNE_EVAL_LIMIT ?=
 PRUNE_POOL := --data data/easy-vqa/pool/own.jsonl --data data/easy-vqa/pool/balanced.jsonl
 prune-replication: $(STAMP)
@@ -97,14 +97,15 @@ prune-replication: $(STAMP)
 	$(NVILA) prune $(PRUNE_POOL) --small runs/nano/1-align/model --large nvila:nano-base \
 		--large-lora src/nvila/assets/nano/adapter --independent-turns --keep 0.5 --out runs/prune/deltaloss
 	$(NVILA) prune $(PRUNE_POOL) --scorer random --keep 0.5 --out runs/prune/random
+	$(NVILA) prune $(PRUNE_POOL) --scorer random --seed 1 --keep 0.5 --out runs/prune/random-seed1
 	test -f runs/prune/student-full/adapter/adapter_config.json || $(NVILA) train --config recipes/prune/student.yaml
-	for v in deltaloss random; do \
+	for v in deltaloss random random-seed1; do \
 		test -f runs/prune/student-$$v/adapter/adapter_config.json || \
 			$(NVILA) train --config recipes/prune/student.yaml stage=prune-$$v output_dir=runs/prune/student-$$v \
 				data.datasets.0.path=runs/prune/$$v/own.jsonl data.datasets.1.path=runs/prune/$$v/balanced.jsonl \
 			|| exit 1; \
 	done
-	for v in full deltaloss random; do \
+	for v in full deltaloss random random-seed1; do \
 		$(NVILA) eval --model runs/nano/1-align/model --lora runs/prune/student-$$v/adapter --dataset easy-vqa \
 			--split test $(if $(PRUNE_EVAL_LIMIT),--limit $(PRUNE_EVAL_LIMIT)) --json docs/perf/prune/student-$$v.json || exit 1; \
 	done
