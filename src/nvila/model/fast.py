@@ -21,7 +21,6 @@ class DecodeLinear(nn.Linear):
     """``nn.Linear`` that uses ``torch.mv`` for a single bf16 row on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
         if x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.bfloat16:
             y = torch.mv(self.weight, x.reshape(-1))                 # (out,)
             if self.bias is not None:

@@ -254,8 +254,8 @@ class W4A16Linear(QuantLinear):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize and multiply, about 2^20 weights (output channels x K) at a time: the same weights as
         dequantizing all at once (results equal up to float summation order), without its large float32
-        temporaries, which made prefill of a W4A16 LLM
-        4.6x slower than bf16 (152 x 1536 -> 8960 in bf16: 55 ms whole, ~11 chunked, ``F.linear`` 5-7)."""
+        temporaries, which made prefill of a W4A16 LLM 4.6x slower than bf16 (152 x 1536 -> 8960 in bf16:
+        55 ms whole, ~11 chunked, ``F.linear`` 5-7)."""
         rows = self._prepare(x)
         out = rows.new_empty(rows.shape[0], self.out_features)
         chunk = max(64, self.REFERENCE_CHUNK_ELEMENTS // self.padded_in)

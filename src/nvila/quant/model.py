@@ -100,20 +100,23 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
             calibs = plain(model.llm, llm_groups(model.llm), lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1)
                                                                       for e in embeds], rows_per_call)
         _swap_part(model.llm, "llm", calibs, llm, group_size, result, bias_correction)
-    result.config = _config(vision, llm, group_size, alpha, len(calib), sum(t.shape[0] for t in tiles), result)
-    if llm is not None:
-        result.config["llm"]["bias_correction"] = bias_correction
+    result.config = _config(vision, llm, group_size, alpha, bias_correction, len(calib),
+                            sum(t.shape[0] for t in tiles), result)
     return result
 
 
-def _config(vision: str | None, llm: str | None, group_size: int, alpha: float, prompts: int, tiles: int,
-            result: QuantResult) -> dict[str, Any]:
+def _config(vision: str | None, llm: str | None, group_size: int, alpha: float, bias_correction: bool,
+            prompts: int, tiles: int, result: QuantResult) -> dict[str, Any]:
+    llm_entry = None
+    if llm is not None:
+        llm_entry = {"scheme": llm, "method": METHODS[llm], "bias_correction": bias_correction}
+        if llm == "w4a16":
+            llm_entry.update(w_bit=4, group_size=group_size, zero_point=True)
     return {
         "format_version": FORMAT_VERSION,
         "vision": {"scheme": vision, "method": METHODS[vision], "alpha": alpha,
                    "activations": "int8 per token, dynamic"} if vision else None,
-        "llm": ({"scheme": llm, "method": METHODS[llm], "w_bit": 4, "group_size": group_size, "zero_point": True}
-                if llm == "w4a16" else {"scheme": llm, "method": METHODS[llm]}) if llm else None,
+        "llm": llm_entry,
         "group_size": group_size,
         "calibration": {"prompts": prompts, "tiles": tiles},
         "modules": result.modules,
@@ -127,9 +130,10 @@ def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], schem
         linear = root.get_submodule(name)
         new = QUANTIZERS[scheme].from_float(linear, input_scale=c.pending, group_size=group_size)
         x = c.inputs()
+        x = x.to(linear.weight.dtype) if x is not None else None
         if bias_correction and x is not None:
-            correct_bias(new, linear, x.to(linear.weight.dtype), c.reference)
-        err = relative_error(new, linear, x.to(linear.weight.dtype), c.reference) if x is not None else None
+            correct_bias(new, linear, x, c.reference)
+        err = relative_error(new, linear, x, c.reference) if x is not None else None
         replace_module(root, name, new)
         official = official_name(root, part, name)
         smoothing = "folded" if c.folded is not None else "input_scale" if c.pending is not None else "none"
