@@ -25,10 +25,11 @@ from nvila.cli.main import main
 from nvila.errors import CheckpointError, ConfigError
 from nvila.model.fast import cpu_has_int8_dot, cpu_has_native_bf16
 from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothquant
-from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, smooth_scale
+from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, gptq, smooth_scale
 from nvila.quant.data import calibration_conversations, calibration_prompts
-from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A16Linear, fake_quant_int4, pack_int4,
-                                quantize_int8, quantize_rows_int8, unpack_int4)
+from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A8MLP, W8A16Linear, dequantize_rows,
+                                fake_quant_int4, fuse_w8a8_mlps, pack_int4,
+                                quantize_int4, quantize_int8, quantize_rows_int8, unpack_int4)
 from nvila.quant.model import correct_bias, relative_error
 
 LITE = CHECKPOINTS / "nvila-lite"
@@ -114,6 +115,25 @@ def test_chunked_activation_quantization_is_bit_identical_and_leaves_the_input_a
         want_codes, want_scales = quantize_int8(x)
         assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
         assert torch.equal(x, before) and not codes[5].any()
+        factor = torch.linspace(0.2, 3, 96)                                # an input scale, applied in float32
+        codes, scales = quantize_rows_int8(x, chunk=256, scale=factor)
+        want_codes, want_scales = quantize_int8(x.float() * factor)
+        assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+
+
+def test_chunked_dequantization_is_the_scaled_sum_plus_bias() -> None:
+    acc = torch.randint(-2**20, 2**20, (300, 40), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    rows, cols, bias = gaussian(300, 1).abs() * 1e-4, gaussian(40, seed=1).abs() * 1e-3, gaussian(40, seed=2)
+    want = acc.double() * cols.double() * rows.double() + bias.double()
+    for dtype in (torch.float32, torch.bfloat16):
+        for b in (bias, None):
+            got = dequantize_rows(acc, rows, cols, b, dtype, chunk=128)     # 300 rows: 2 whole chunks + 44
+            expect = want if b is not None else want - bias.double()
+            assert got.dtype == dtype
+            # float32 products (cancellation against the bias aside), then one rounding to dtype: within
+            # float32 precision, or within half a bf16 step
+            rtol = 1e-6 if dtype == torch.float32 else 2**-8         # bf16: 8 significant bits
+            torch.testing.assert_close(got.double(), expect, rtol=rtol, atol=1e-6 * expect.abs().max().item())
 
 
 @pytest.mark.parametrize("scheme", sorted(QUANTIZERS))
@@ -132,6 +152,45 @@ def test_fused_kernel_equals_reference(scheme: str, k: int) -> None:
     assert torch.equal(m(one), m.kernel(one))
     assert torch.equal(m(many), m.kernel(many) if fused_many else m.reference(many))
     assert m(many).shape == (2, 5, 96)
+
+
+def test_w8a8_siblings_share_the_quantization_of_the_same_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nvila.quant.linear as qlinear
+
+    calls = []
+    real = qlinear.quantize_rows_int8
+    monkeypatch.setattr(qlinear, "quantize_rows_int8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k = (W8A8Linear.from_float(gaussian_linear(64, 32, seed=i)) for i in (1, 2))
+    scaled = W8A8Linear.from_float(gaussian_linear(64, 32, seed=3), input_scale=torch.linspace(0.5, 2, 64))
+    x = gaussian(5, 64, seed=4)
+    want = [m.reference(x.clone()) for m in (q, k, scaled)]           # a fresh tensor each: no sharing
+    calls.clear()
+    assert torch.equal(q.reference(x), want[0]) and torch.equal(k.reference(x), want[1])
+    assert len(calls) == 1                                            # k reused q's codes
+    assert torch.equal(scaled.reference(x), want[2]) and len(calls) == 2   # an input scale: its own codes
+    x.mul_(2)                                                         # changed in place: quantized again
+    torch.testing.assert_close(q.reference(x), q.reference(x.clone()))
+    assert len(calls) == 4
+
+
+def test_fused_w8a8_mlp_equals_the_unfused_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+    mlp = SiglipMLP(SiglipVisionConfig(hidden_size=64, intermediate_size=176, hidden_act="gelu_pytorch_tanh"))
+    mlp.fc1 = W8A8Linear.from_float(gaussian_linear(64, 176, seed=1))
+    mlp.fc2 = W8A8Linear.from_float(gaussian_linear(176, 64, seed=2), input_scale=torch.linspace(0.5, 2, 176))
+    holder = nn.Sequential()
+    holder.add_module("mlp", mlp)
+    names = set(holder.state_dict())
+    assert fuse_w8a8_mlps(holder) == 1 and isinstance(holder.mlp, W8A8MLP) and set(holder.state_dict()) == names
+    monkeypatch.setattr(kernels, "use_kernel", lambda *a, **k: True)        # the fused path on any CPU
+    monkeypatch.setattr(W8A8MLP, "CHUNK", 64)                                # 150 rows: 2 whole chunks + 22
+    x = gaussian(3, 50, 64, seed=3)
+    unfused = mlp(x)
+    assert torch.equal(holder.mlp(x), unfused)                               # float32: the same operations
+    xb = x.bfloat16()
+    torch.testing.assert_close(holder.mlp(xb).float(), unfused, rtol=0.05, atol=0.05 * unfused.abs().max().item())
 
 
 def test_int4_layout_and_short_last_group() -> None:
@@ -202,6 +261,16 @@ def test_awq_search_beats_round_to_nearest_on_salient_channels() -> None:
     assert mse(s, held_out) < 0.8 * mse(ones, held_out)                    # measured ~0.6x on unseen tokens
 
 
+def test_awq_search_over_second_moments_equals_the_search_over_rows() -> None:
+    w = [gaussian(64, 96, seed=1), gaussian(32, 96, seed=2)]
+    x = correlated_inputs(300, 96, seed=3)
+    rows = InputStats(x.abs().amax(0), x.abs().sum(0), 300, [x])
+    moments = InputStats(x.abs().amax(0), x.abs().sum(0), 300, [x], gram=x.t() @ x)
+    s_rows, e_rows = awq_scale(rows, w, group_size=32, n_grid=8)
+    s_moments, e_moments = awq_scale(moments, w, group_size=32, n_grid=8)
+    assert e_moments == pytest.approx(e_rows, rel=1e-3) and torch.equal(s_rows, s_moments)
+
+
 def test_awq_clip_picks_the_ratio_with_the_smallest_direct_output_error() -> None:
     w = gaussian(24, 200, seed=5)                                          # K = 200: a short last group
     w[torch.arange(24), torch.arange(24) * 8] *= 4                         # one outlier weight per row
@@ -256,6 +325,82 @@ def test_awq_folds_preserve_float_logits() -> None:
     assert calibs["model.layers.0.self_attn.o_proj"].pending is not None
 
 
+def correlated_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Inputs whose channels share a few common factors (as hidden states do): GPTQ has errors to spread."""
+    factors = gaussian(rows, 8, seed=seed) @ gaussian(8, k, seed=100)     # the same loadings for every draw
+    return factors + 0.3 * gaussian(rows, k, seed=seed + 1)
+
+
+def test_gptq_lowers_the_output_error_of_4bit_rounding_on_unseen_inputs() -> None:
+    lin = gaussian_linear(200, 48, seed=1)                          # K = 200: a short last group of 72
+    seen, held_out = correlated_inputs(1024, 200, seed=2), correlated_inputs(512, 200, seed=9)
+    codes = gptq(lin.weight, seen.t() @ seen, group_size=64)
+    assert codes[0].shape == (48, 256) and codes[0].dtype == torch.uint8
+    assert torch.equal(codes[0][:, 200:], codes[2].repeat_interleave(64, 1)[:, 200:])  # padding: zero point
+    _, scale, zero = quantize_int4(lin.weight, 64)
+    assert torch.equal(codes[1], scale) and torch.equal(codes[2], zero)     # the grid is plain rounding's
+    rtn = relative_error(W4A16Linear.from_float(lin, group_size=64), lin, held_out)
+    err = relative_error(W4A16Linear.from_float(lin, group_size=64, codes=codes), lin, held_out)
+    assert err < 0.5 * rtn                                                  # measured 0.014 vs 0.091
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest() -> None:
+    w = gaussian(32, 256, seed=3)
+    energy = torch.linspace(0.1, 5, 256)                                    # act-order permutes the columns
+    for act_order in (True, False):
+        codes = gptq(w, torch.diag(energy), group_size=128, act_order=act_order)
+        assert torch.equal(codes[0], quantize_int4(w, 128)[0])             # nothing to compensate with
+
+
+def test_gptq_rejects_a_hessian_that_damping_cannot_fix() -> None:
+    with pytest.raises(ConfigError, match="not positive definite"):
+        gptq(gaussian(8, 128), -torch.eye(128), group_size=128)
+
+
+def test_block_replay_sees_what_the_float_model_gives_each_layer() -> None:
+    pipe = fresh_lite()
+    embeds = [pipe.model.embed_prompt(p.input_ids, p.media).detach() for p in calib(pipe, 2)]
+    float_rows = {}
+    llm = pipe.model.llm
+    hooks = [llm.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, i=i: float_rows.setdefault(i, []).append(a[0][0])) for i in range(2)]
+    with torch.no_grad():
+        for e in embeds:
+            llm(inputs_embeds=e[None])
+    for h in hooks:
+        h.remove()
+    inputs = {}
+    for sequential in (False, True):
+        calibs = awq(copy.deepcopy(llm), embeds, w_bit=4, group_size=32, rounding="nearest", sequential=sequential)
+        inputs[sequential] = [calibs[f"model.layers.{i}.mlp.down_proj"].rows for i in range(2)]
+        assert all(c.codes is None for c in calibs.values())                # nearest: rounded at the swap
+    rows_per_call = inputs[False][0].shape[0] // 2
+    for i in range(2):                          # the calibration rows are evenly spaced tokens of each call
+        want = torch.cat([r[torch.linspace(0, len(r) - 1, rows_per_call).long()] for r in float_rows[i]])
+        torch.testing.assert_close(inputs[False][i], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inputs[True][0], inputs[False][0])         # layer 0 sees the same either way
+    assert not torch.allclose(inputs[True][1], inputs[False][1], rtol=1e-3)  # layer 1 sees quantized layer 0
+
+
+def test_gptq_calibration_round_trip(tmp_path: Path) -> None:
+    pipe = fresh_lite()
+    float_logits = pipe.next_token_logits(QUESTION)
+    nearest = fresh_lite()
+    quantize_pipeline(nearest, "w8a8", "w4a16", calib=calib(nearest), rounding="nearest")
+    quantize_pipeline(pipe, "w8a8", "w4a16", calib=calib(pipe))                       # gptq: the default
+    pipe.save(tmp_path / "gptq")
+    loaded = nvila.load(tmp_path / "gptq", dtype="float32", device="cpu")
+    logits = loaded.next_token_logits(QUESTION)
+    assert torch.equal(logits, pipe.next_token_logits(QUESTION))
+    assert json.loads((tmp_path / "gptq" / "quant_config.json").read_text())["llm"]["rounding"] == "gptq"
+    # different codes than plain rounding, and no worse on the (random, tiny) model's logits
+    a = pipe.model.llm.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(a, nearest.model.llm.model.layers[0].mlp.down_proj.weight)
+    err = (logits - float_logits).norm() / float_logits.norm()
+    err_nearest = (nearest.next_token_logits(QUESTION) - float_logits).norm() / float_logits.norm()
+    assert err < 1.1 * err_nearest
+
+
 def test_bias_correction_removes_the_mean_output_shift() -> None:
     lin = nn.Linear(256, 64, bias=False)
     with torch.no_grad():
@@ -303,6 +448,7 @@ def test_round_trip_gives_identical_logits_and_keeps_names(quantized) -> None:
     assert torch.equal(loaded.next_token_logits(QUESTION), pipe.next_token_logits(QUESTION))
     assert isinstance(loaded.model.llm.model.layers[1].mlp.down_proj, W4A16Linear)
     assert isinstance(loaded.model.vision.model.encoder.layers[0].self_attn.q_proj, W8A8Linear)
+    assert isinstance(loaded.model.vision.model.encoder.layers[0].mlp, W8A8MLP)
     state = loaded.model.state_dict()
     assert set(float_state) <= set(state)                                  # every float name is still there
     assert state.keys() == pipe.model.state_dict().keys()
@@ -318,6 +464,20 @@ def test_round_trip_gives_identical_logits_and_keeps_names(quantized) -> None:
     again = loaded.save(out.parent / "again")                              # a loaded quantized model saves as it came
     assert (again / "quant_config.json").read_bytes() == (out / "quant_config.json").read_bytes()
     assert load_file(again / "llm" / "model.safetensors").keys() == load_file(out / "llm" / "model.safetensors").keys()
+
+
+def test_agreement_recipe_measures_next_token_drift(quantized, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+
+    _, out, _ = quantized
+    script = Path(__file__).resolve().parents[1] / "recipes" / "quant" / "agreement.py"
+    monkeypatch.setattr("sys.argv", ["agreement.py", "--float", str(LITE), "--n", "3", str(LITE), str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    same, quant = capsys.readouterr().out.strip().splitlines()
+    assert "KL mean 0.0000, median 0.0000, top-1 agreement 1.000 (3 questions)" in same   # float vs itself
+    kl = float(quant.split("KL mean ")[1].split(",")[0])
+    assert quant.startswith(str(out)) and kl > 0                                # 4-bit weights moved it
 
 
 def _corrupt(out: Path, tmp_path: Path, part: str, edit) -> Path:
@@ -420,6 +580,12 @@ def test_calibration_sources(tmp_path: Path) -> None:
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A painting."}]}) + "\n")
     (messages, answered), = calibration_conversations(data)
     assert answered and messages[-1]["role"] == "assistant"
+    images = sorted(p.name for p in MEDIA.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    names = lambda convs: [Path(m[0]["content"][0]["image"]).name for m, _ in convs]   # noqa: E731
+    assert names(calibration_conversations(MEDIA, 3)) == images[:3]
+    drawn = names(calibration_conversations(MEDIA, 3, seed=1))
+    assert drawn == names(calibration_conversations(MEDIA, 3, seed=1)) and drawn != images[:3]
+    assert len(set(drawn)) == 3 and drawn == sorted(drawn) and set(drawn) <= set(images)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
         calibration_conversations(tmp_path / "empty")
@@ -432,6 +598,8 @@ def test_quantize_requires_valid_arguments() -> None:
         quantize_model(nn.Module(), None, None, calib=[object()])
     with pytest.raises(ConfigError, match="LLM scheme 'w3a16'"):
         quantize_model(nn.Module(), "w8a8", "w3a16", calib=[object()])
+    with pytest.raises(ConfigError, match="unknown rounding 'stochastic'"):
+        quantize_model(nn.Module(), "w8a8", "w4a16", calib=[object()], rounding="stochastic")
 
 
 def test_cli_quantize_writes_config_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -444,7 +612,10 @@ def test_cli_quantize_writes_config_and_report(tmp_path: Path, capsys: pytest.Ca
     assert len(report["layers"]) == 26 and report["summary"]["llm"]["calibrated"] == 14
     summary = report["summary"]
     assert 0.0 < summary["vision_tower"]["max_rel_error"] < 0.05 < summary["llm"]["mean_rel_error"] < 0.2
-    assert json.loads((out / "quant_config.json").read_text())["modules"][-1]["group_size"] == 64
+    config = json.loads((out / "quant_config.json").read_text())
+    assert config["modules"][-1]["group_size"] == 64
+    assert config["llm"]["rounding"] == "gptq" and config["llm"]["sequential"] is True    # the defaults
+    assert config["llm"]["clip"] is False                                  # clipping only with nearest
     assert nvila.load(out, dtype="float32", device="cpu").chat(QUESTION, max_new_tokens=2) is not None
 
 

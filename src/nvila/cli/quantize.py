@@ -22,10 +22,20 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="w4a16", help="LLM scheme: w4a16 (AWQ) | w8a16 | none (default: w4a16)")
     p.add_argument("--calib", default=None, metavar="DATA", help="folder of images or training .json/.jsonl "
                    "(default: the example images in recipes/examples/data/images)")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration prompts used (default 16)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration prompts used (default 64)")
+    p.add_argument("--calib-seed", type=int, default=None, help="draw the calibration prompts at random with "
+                   "this seed (default: the first ones)")
     p.add_argument("--group-size", type=int, default=128, help="W4A16 input channels per scale (default 128)")
     p.add_argument("--bias-correction", action="store_true", help="add each LLM layer's mean output error "
                    "over the calibration inputs to its bias")
+    p.add_argument("--rounding", default="gptq", choices=("gptq", "nearest"),
+                   help="W4A16 rounding: gptq (error-compensating, from the inputs' second moments; default) "
+                   "or nearest")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="AWQ clipping search for W4A16 (default: only with --rounding nearest)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="calibrate every LLM layer on float inputs instead of the outputs of the quantized "
+                   "layers before it")
     p.add_argument("--alpha", type=float, default=0.3, help="SmoothQuant migration strength (default 0.3)")
     p.add_argument("--dtype", default="float32", help="dtype calibration runs in (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
@@ -44,18 +54,19 @@ def quantize_cmd(args: argparse.Namespace) -> int:
 
     vision, llm = _scheme(args.vision), _scheme(args.llm)
     check_schemes(vision, llm, args.group_size)                 # fail before the slow parts
-    calibration_conversations(args.calib, args.calib_samples)
+    calibration_conversations(args.calib, args.calib_samples, args.calib_seed)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NvilaError(f"output folder {out} exists and is not empty; choose a new path")
     pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, fast=False)
-    prompts = calibration_prompts(pipe.processor, args.calib, args.calib_samples)
+    prompts = calibration_prompts(pipe.processor, args.calib, args.calib_samples, args.calib_seed)
     result = quantize_pipeline(pipe, vision, llm, calib=prompts, group_size=args.group_size, alpha=args.alpha,
-                               bias_correction=args.bias_correction)
+                               bias_correction=args.bias_correction, rounding=args.rounding,
+                               sequential=args.sequential, clip=args.clip)
     pipe.save(out)
-    calibration = {"data": args.calib or "default images", **result.config["calibration"]}
+    calibration = {"data": args.calib or "default images", "seed": args.calib_seed, **result.config["calibration"]}
     report = {"model": args.model, "out": str(out), "vision": vision, "llm": llm, "group_size": args.group_size,
-              "alpha": args.alpha, "calibration": calibration, "summary": result.summary(), "layers": result.report}
+              "rounding": args.rounding, "sequential": args.sequential, "alpha": args.alpha, "calibration": calibration, "summary": result.summary(), "layers": result.report}
     (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0

@@ -17,7 +17,8 @@ safetensors, so the layer's tensors are ``{name}.weight``, ``{name}.weight_scale
 (W4A16), ``{name}.bias`` and ``{name}.input_scale`` (when ``input_scale`` is true), with the shapes and
 dtypes of :mod:`nvila.quant.linear`. Everything else in the folder is an ordinary float checkpoint
 (norms that absorbed a smoothing scale are stored as computed). Loading builds the float skeleton,
-swaps every listed ``nn.Linear`` for an empty quantized module of the same shape, and the strict loader
+swaps every listed ``nn.Linear`` for an empty quantized module of the same shape (and wraps MLPs whose two
+linears are W8A8 in :class:`~nvila.quant.linear.W8A8MLP`, which keeps the names), and the strict loader
 of :mod:`nvila.checkpoint` then checks every name, shape and integer dtype.
 """
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from nvila.checkpoint import QUANT_CONFIG, key_prefix
 from nvila.errors import CheckpointError
-from nvila.quant.linear import QUANTIZERS, QuantLinear
+from nvila.quant.linear import QUANTIZERS, QuantLinear, fuse_w8a8_mlps
 
 FORMAT_VERSION = 1
 ENTRY_FIELDS = ("part", "name", "scheme", "in_features", "out_features", "bias", "input_scale")
@@ -85,6 +86,7 @@ def apply_quant_config(part_module: nn.Module, part: str, config: dict[str, Any]
             raise CheckpointError(f"{QUANT_CONFIG}: entry {entry.get('name', entry)!r} lacks {missing}")
         replace_module(part_module, module_name(part_module, part, entry["name"]), _empty(part_module, part, entry))
         count += 1
+    fuse_w8a8_mlps(part_module)
     return count
 
 

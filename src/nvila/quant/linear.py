@@ -3,7 +3,7 @@
     W8A16Linear  weight int8 (N, K), weight_scale (N,)             y = x (q * s)^T + b
     W4A16Linear  weight uint8 (N, Kp / 2): two 4-bit codes a byte,  y = x ((q - z) * s)^T + b, with s and z
                  weight_scale (N, G), weight_zero uint8 (N, G)        per group of ``group_size`` input channels
-    W8A8Linear   weight int8 (N, K), weight_scale (N,)             y = (q_x q^T) * s_x * s + b, q_x the int8
+    W8A8Linear   weight int8 (N, K), weight_scale (N,)             y = (q_x q^T) * s * s_x + b, q_x the int8
                                                                       codes of x, one scale per token (dynamic)
 
 (N = out_features, K = in_features, G = Kp / group_size groups.) All keep ``bias`` under its name, and
@@ -23,6 +23,8 @@ runs torch's fused op; ``forward`` picks one with :func:`nvila.quant.kernels.use
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,22 +43,61 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
 
 
-def quantize_rows_int8(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(x: torch.Tensor, chunk: int = 256,
+                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) :func:`quantize_int8` of (M, K) activations, bit-identical to it, in row chunks.
 
     One float32 chunk at a time, updated in place: the whole-tensor version allocates four (M, K) float32
     temporaries, which made quantizing a 1024 x 4304 ViT activation 25 ms on a CPU where this takes 2-3 ms
-    and the int8 GEMM that follows 11 ms (chunks of 256 rows measured best among 8-256).
+    and the int8 GEMM that follows 11 ms (chunks of 256 rows measured best among 8-256). ``scale`` (K,):
+    a per-channel factor applied first, in float32, as the chunk is copied (the same as quantizing
+    ``x.float() * scale``; a separate pass over a bf16 input cost as much as the GEMM for ViT fc2).
     """
     m = x.shape[0]
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scales = torch.empty(m, 1, device=x.device)
+    factor = scale.to(device=x.device, dtype=torch.float32) if scale is not None else None
+    buf = torch.empty(min(chunk, m), x.shape[1], device=x.device)      # the caller's x stays as it is
     for start in range(0, m, chunk):
-        rows = x[start : start + chunk].to(torch.float32, copy=True)    # a copy: the caller's x stays as it is
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS).div_(127)
-        scales[start : start + chunk] = scale
-        codes[start : start + chunk] = rows.div_(scale).round_().clamp_(-127, 127)
+        rows = buf[: min(chunk, m - start)]
+        if factor is not None:
+            torch.mul(x[start : start + chunk], factor, out=rows)
+        else:
+            rows.copy_(x[start : start + chunk])
+        _quantize_chunk(rows, codes[start : start + chunk], scales[start : start + chunk])
     return codes, scales
+
+
+def _quantize_chunk(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Quantize float32 ``rows`` (r, K) per row into ``codes`` (r, K) int8 and ``scales`` (r, 1); rows is used up."""
+    # max |x| without an |x| copy; amax and amin measured 10x faster than torch.aminmax here, 1.15x abs().amax()
+    high, low = rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True)
+    step = torch.maximum(high, low.neg_()).clamp_(min=EPS).div_(127)
+    scales.copy_(step)
+    codes.copy_(rows.div_(step).round_().clamp_(-127, 127))
+
+
+def dequantize_rows(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype, chunk: int = 128) -> torch.Tensor:
+    """(M, N) integer sums (int32, or exact float32) -> acc * col_scale * row_scale + bias in ``dtype``.
+
+    Computed in float32 a few rows at a time and rounded to ``dtype`` once, written straight into the
+    output: separate whole-tensor passes (int32 -> float32, two scalings, cast, bias) cost about as much
+    as the int8 GEMM itself on a CPU.
+    """
+    m, n = acc.shape
+    out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    cols = col_scale.to(device=acc.device, dtype=torch.float32)
+    b = bias.to(device=acc.device, dtype=torch.float32) if bias is not None else None
+    buf = torch.empty(min(chunk, m), n, device=acc.device)
+    for start in range(0, m, chunk):
+        rows = buf[: min(chunk, m - start)]
+        torch.mul(acc[start : start + chunk], cols, out=rows)
+        if b is not None:
+            torch.addcmul(b, rows, row_scale[start : start + chunk], out=out[start : start + chunk])
+        else:
+            torch.mul(rows, row_scale[start : start + chunk], out=out[start : start + chunk])
+    return out
 
 
 def padded_width(in_features: int, group_size: int) -> int:
@@ -143,11 +184,14 @@ class QuantLinear(nn.Module):
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (M, K) rows with the input scale applied."""
+        self._check_width(x)
+        x = x.reshape(-1, self.in_features)
+        return x * self.input_scale.to(x.dtype) if self.input_scale is not None else x
+
+    def _check_width(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ConfigError(f"{type(self).__name__} expects inputs with {self.in_features} features, "
                               f"got shape {tuple(x.shape)}")
-        x = x.reshape(-1, self.in_features)
-        return x * self.input_scale.to(x.dtype) if self.input_scale is not None else x
 
     def _finish(self, y: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """(M, N) -> (..., N) in the input's dtype, bias added."""
@@ -200,16 +244,98 @@ class W8A8Linear(W8A16Linear):
     """int8 weight per output channel x int8 activations per token (dynamic), integer accumulation."""
 
     scheme = "w8a8"
+    # (input weakref, input version, codes, scales) of the last input quantized without an input scale
+    _last_input: tuple[weakref.ref, int | None, torch.Tensor, torch.Tensor] | None = None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        qx, sx = quantize_rows_int8(self._prepare(x))                  # (M, K) int8, (M, 1)
+        qx, sx = self._quantize_input(x)                               # (M, K) int8, (M, 1)
         acc = qx.float() @ self.weight.float().t()                     # integer sums, exact below 2^24
-        return self._finish(acc.mul_(sx).mul_(self.weight_scale.float()), x.shape, x.dtype)
+        return self._dequantize(acc, sx, x)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        qx, sx = quantize_rows_int8(self._prepare(x))
-        acc = kernels.int8_int8_mm(qx, self.weight).float()            # (M, N) int32 sums
-        return self._finish(acc.mul_(sx).mul_(self.weight_scale.float()), x.shape, x.dtype)
+        qx, sx = self._quantize_input(x)
+        return self._dequantize(kernels.int8_int8_mm(qx, self.weight), sx, x)   # (M, N) int32 sums
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token int8 codes of x times the input scale (applied in float32 while quantizing).
+
+        Linears without an input scale that read the same tensor (an attention block's q, k and v
+        projections) share one quantization: the last one is kept, keyed by the input object (held weakly,
+        so a freed input is never matched) and its version counter (inference-mode tensors have none:
+        torch does not track in-place changes to them).
+        """
+        self._check_width(x)
+        if self.input_scale is not None:
+            return quantize_rows_int8(x.reshape(-1, self.in_features), scale=self.input_scale)
+        version = None if x.is_inference() else x._version
+        last = W8A8Linear._last_input
+        if last is not None and last[0]() is x and last[1] == version:
+            return last[2], last[3]
+        codes, scales = quantize_rows_int8(x.reshape(-1, self.in_features))
+        W8A8Linear._last_input = (weakref.ref(x), version, codes, scales)
+        return codes, scales
+
+    def _dequantize(self, acc: torch.Tensor, sx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = dequantize_rows(acc, sx, self.weight_scale, self.bias, x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class W8A8MLP(nn.Module):
+    """A transformer MLP, fc1 -> activation -> fc2, whose two linears are :class:`W8A8Linear`.
+
+    When both take the fused path, fc1's dequantization, the activation and fc2's input scaling and
+    quantization run together on a few rows at a time in float32, so the wide hidden activation is never
+    written out in the model's dtype and read back three times (for the 1024 x 4304 hidden activation of
+    a SigLIP tile those passes cost about as much as fc2's int8 GEMM). The result equals the unfused
+    sequence run in float32. Otherwise (reference path, e.g. float32 rows on a CPU without int8 dot
+    products) it is that sequence. Children keep their names (``fc1``, ``fc2``): the state dict is unchanged.
+    """
+
+    CHUNK = 64  # rows of the hidden activation in flight (64 x 4304 float32: about 1 MB)
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.activation_fn = mlp.fc1, mlp.fc2, mlp.activation_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.fc1.in_features
+        fused = all(kernels.use_kernel("w8a8", x, rows, m.out_features, m.in_features) for m in (self.fc1, self.fc2))
+        if not fused:
+            return self.fc2(self.activation_fn(self.fc1(x)))
+        qx, sx = self.fc1._quantize_input(x)
+        acc = kernels.int8_int8_mm(qx, self.fc1.weight)                                   # (M, H) int32
+        hidden = torch.empty(acc.shape, dtype=torch.int8, device=acc.device)
+        hidden_scales = torch.empty(acc.shape[0], 1, device=acc.device)
+        cols = self.fc1.weight_scale.float()
+        bias = self.fc1.bias.float() if self.fc1.bias is not None else None
+        factor = self.fc2.input_scale.float() if self.fc2.input_scale is not None else None
+        buf = torch.empty(min(self.CHUNK, acc.shape[0]), acc.shape[1], device=acc.device)
+        for start in range(0, acc.shape[0], self.CHUNK):
+            stop = min(start + self.CHUNK, acc.shape[0])
+            h = buf[: stop - start]
+            torch.mul(acc[start:stop], cols, out=h)
+            if bias is not None:
+                torch.addcmul(bias, h, sx[start:stop], out=h)
+            else:
+                h.mul_(sx[start:stop])
+            h = self.activation_fn(h)
+            if factor is not None:
+                h.mul_(factor)
+            _quantize_chunk(h, hidden[start:stop], hidden_scales[start:stop])
+        return self.fc2._dequantize(kernels.int8_int8_mm(hidden, self.fc2.weight), hidden_scales, x)
+
+
+def fuse_w8a8_mlps(root: nn.Module) -> int:
+    """Wrap every MLP of ``root`` (a module with ``fc1``, ``activation_fn``, ``fc2``) whose linears are both
+    :class:`W8A8Linear` in a :class:`W8A8MLP`, in place; returns the count."""
+    targets = [name for name, m in root.named_modules()
+               if isinstance(getattr(m, "fc1", None), W8A8Linear) and isinstance(getattr(m, "fc2", None), W8A8Linear)
+               and callable(getattr(m, "activation_fn", None)) and not isinstance(m, W8A8MLP) and name]
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        owner = root.get_submodule(parent) if parent else root
+        setattr(owner, child, W8A8MLP(owner.get_submodule(child)))
+    return len(targets)
 
 
 class W4A16Linear(QuantLinear):
@@ -232,11 +358,19 @@ class W4A16Linear(QuantLinear):
         self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # fused-op layout cache
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None,
-                   group_size: int = 128) -> "W4A16Linear":
+    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None, group_size: int = 128,
+                   codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> "W4A16Linear":
+        """Round ``linear`` (its weight times ``input_scale``) to nearest, or take ``codes`` chosen elsewhere
+        (GPTQ): (codes (N, Kp) uint8, scales (N, G), zeros (N, G) uint8) for that same scaled weight."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, input_scale is not None,
                 linear.weight.dtype, linear.weight.device, group_size)
-        codes, scale, zero = quantize_int4(m._set_float(linear, input_scale), group_size)
+        w = m._set_float(linear, input_scale)
+        if codes is None:
+            codes = quantize_int4(w, group_size)
+        elif codes[0].shape != (m.out_features, m.padded_in) or codes[1].shape != m.weight_scale.shape:
+            raise ConfigError(f"4-bit codes of shape {tuple(codes[0].shape)} / scales {tuple(codes[1].shape)} do "
+                              f"not fit a {m.in_features} -> {m.out_features} layer with group size {group_size}")
+        codes, scale, zero = codes
         m.weight.copy_(pack_int4(codes))
         m.weight_scale.copy_(scale)
         m.weight_zero.copy_(zero)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from nvila.errors import ConfigError
-from nvila.quant.calibrate import LinearCalib, awq, llm_groups, plain, smoothquant
+from nvila.quant.calibrate import ROUNDINGS, LinearCalib, awq, llm_groups, plain, smoothquant
 from nvila.quant.config import FORMAT_VERSION, QUANT_CONFIG, is_quantized, module_entry, official_name, replace_module
-from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size
+from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size, fuse_w8a8_mlps
 
 VISION_SCHEMES = ("w8a8",)
 LLM_SCHEMES = ("w4a16", "w8a16")
@@ -68,7 +68,8 @@ def check_schemes(vision: str | None, llm: str | None, group_size: int) -> None:
 
 def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | None = "w4a16",
                    calib: Sequence[Any] = (), group_size: int = 128, alpha: float = 0.3,
-                   n_grid: int = 20, rows_per_call: int = 64, bias_correction: bool = False) -> QuantResult:
+                   n_grid: int = 20, rows_per_call: int = 64, bias_correction: bool = False,
+                   rounding: str = "gptq", sequential: bool = True, clip: bool | None = None) -> QuantResult:
     """Quantize an :class:`~nvila.model.nvila.NvilaModel` in place.
 
     ``calib``: processed prompts (:class:`~nvila.processing.processor.Prompt`, e.g. from
@@ -77,9 +78,14 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
     ``rows_per_call``: calibration rows kept per forward call and linear input (searches and report).
     ``bias_correction``: add the mean output error of every weight-only LLM layer over its calibration
     inputs to its bias, E[x](W - W_q)^T (layers without a bias get one), so 4-bit rounding does not shift
-    the layer's average output.
+    the layer's average output. ``rounding`` (W4A16): ``"nearest"`` or ``"gptq"`` (error-compensating
+    rounding, :func:`nvila.quant.calibrate.gptq`); ``sequential``: calibrate each decoder layer on the
+    outputs of the already quantized layers before it; ``clip``: AWQ's clipping search (None: only with
+    nearest rounding; see :func:`nvila.quant.calibrate.awq`).
     """
     check_schemes(vision, llm, group_size)
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"unknown rounding {rounding!r}; choose from {list(ROUNDINGS)}")
     if is_quantized(model):
         raise ConfigError("the model is already quantized; quantize the float checkpoint instead")
     if not calib:
@@ -91,27 +97,33 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
             raise ConfigError("quantizing the vision tower needs calibration prompts with images or videos")
         calibs = smoothquant(model.vision, tiles, alpha, model.vision_batch_size, rows_per_call)
         _swap_part(model.vision.model, "vision_tower", calibs, vision, group_size, result)
+        fuse_w8a8_mlps(model.vision.model)
     if llm is not None:
         with torch.no_grad():
             embeds = [model.embed_prompt(p.input_ids, p.media) for p in calib]            # (L_fused, D) each
         if llm == "w4a16":
-            calibs = awq(model.llm, embeds, 4, group_size, n_grid, rows_per_call)
+            clip = rounding == "nearest" if clip is None else clip
+            calibs = awq(model.llm, embeds, 4, group_size, n_grid, rows_per_call, clip=clip, rounding=rounding,
+                         sequential=sequential)
         else:
             calibs = plain(model.llm, llm_groups(model.llm), lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1)
                                                                       for e in embeds], rows_per_call)
         _swap_part(model.llm, "llm", calibs, llm, group_size, result, bias_correction)
     result.config = _config(vision, llm, group_size, alpha, bias_correction, len(calib),
-                            sum(t.shape[0] for t in tiles), result)
+                            sum(t.shape[0] for t in tiles), result, rounding, sequential,
+                            rounding == "nearest" if clip is None else clip)
     return result
 
 
 def _config(vision: str | None, llm: str | None, group_size: int, alpha: float, bias_correction: bool,
-            prompts: int, tiles: int, result: QuantResult) -> dict[str, Any]:
+            prompts: int, tiles: int, result: QuantResult, rounding: str = "gptq",
+            sequential: bool = True, clip: bool = False) -> dict[str, Any]:
     llm_entry = None
     if llm is not None:
         llm_entry = {"scheme": llm, "method": METHODS[llm], "bias_correction": bias_correction}
         if llm == "w4a16":
-            llm_entry.update(w_bit=4, group_size=group_size, zero_point=True)
+            llm_entry.update(w_bit=4, group_size=group_size, zero_point=True, rounding=rounding, sequential=sequential,
+                             clip=clip)
     return {
         "format_version": FORMAT_VERSION,
         "vision": {"scheme": vision, "method": METHODS[vision], "alpha": alpha,
@@ -128,7 +140,8 @@ def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], schem
     """Replace every calibrated linear of ``root`` by its quantized module and record its error."""
     for name, c in calibs.items():
         linear = root.get_submodule(name)
-        new = QUANTIZERS[scheme].from_float(linear, input_scale=c.pending, group_size=group_size)
+        extra = {"codes": c.codes} if c.codes is not None else {}
+        new = QUANTIZERS[scheme].from_float(linear, input_scale=c.pending, group_size=group_size, **extra)
         x = c.inputs()
         x = x.to(linear.weight.dtype) if x is not None else None
         if bias_correction and x is not None:
