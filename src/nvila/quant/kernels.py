@@ -57,7 +57,7 @@ Then the passes around the GEMM were cut (same machine, two threads, whole SigLI
 on one 448 tile, 26 layers, medians of 5 alternating runs): dequantizing in row chunks straight into the
 output (:func:`nvila.quant.linear.dequantize_rows`), applying fc2's input scale while quantizing, one
 quantization shared by q, k and v, and fc1 -> GELU -> fc2 fused (:class:`nvila.quant.linear.W8A8MLP`)
-took the quantized tower from 1.55 to 1.47-1.50 s (bf16: 1.82-1.88 s; 1.18x -> 1.25x). ``torch.aminmax``
+took the quantized tower from 1.55 to 1.47-1.57 s (bf16: 1.82-1.90 s; 1.18x -> 1.22-1.25x). ``torch.aminmax``
 for the per-token range was 10x slower than ``amax`` and ``amin`` (1.69 s for the tower). What remains
 per layer: attention (flash SDPA, bf16, 27 ms of ~57, not quantized), ``torch._int_mm`` 17 ms (bf16
 ``F.linear`` on the same shapes: ~40 ms), quantize/dequantize/GELU passes ~8 ms, LayerNorms ~2.6 ms.
