@@ -28,8 +28,9 @@ from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothq
 from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, gptq, smooth_scale
 from nvila.quant.data import calibration_conversations, calibration_prompts
 from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A8MLP, W8A16Linear, dequantize_rows,
-                                fake_quant_int4, fuse_w8a8_mlps, pack_int4,
+                                fake_quant_int4, pack_int4,
                                 quantize_int4, quantize_int8, quantize_rows_int8, unpack_int4)
+from nvila.quant.config import fuse_w8a8_mlps
 from nvila.quant.model import correct_bias, relative_error
 
 LITE = CHECKPOINTS / "nvila-lite"

@@ -504,13 +504,14 @@ def awq(llm: nn.Module, calib_inputs: Sequence[torch.Tensor], w_bit: int = 4, gr
     clip = rounding == "nearest" if clip is None else clip
     calibs: dict[str, LinearCalib] = {}
     inputs = block_inputs(llm, calib_inputs)
-    for i, layer in enumerate(llm_layers(llm)):
+    layers = llm_layers(llm)
+    for i, layer in enumerate(layers):
         groups = block_groups(layer, f"model.layers.{i}.")
         stats = collect(llm, groups, lambda: _run_block(layer, inputs), rows_per_call, gram=True)
         scales = {g: awq_scale(stats[g], [llm.get_submodule(n).weight for n in g.linears], group_size, w_bit,
                                n_grid)[0] for g in groups if g in stats}
         block = apply_scales(llm, groups, stats, scales)
-        last = i + 1 == len(llm_layers(llm))
+        last = i + 1 == len(layers)
         outputs = None if sequential or last else _run_block(layer, inputs)     # float (folds keep it so)
         if clip:
             apply_clipping(llm, block, group_size, w_bit, n_grid)

@@ -30,7 +30,7 @@ from torch import nn
 
 from nvila.checkpoint import QUANT_CONFIG, key_prefix
 from nvila.errors import CheckpointError
-from nvila.quant.linear import QUANTIZERS, QuantLinear, fuse_w8a8_mlps
+from nvila.quant.linear import QUANTIZERS, QuantLinear, W8A8Linear, W8A8MLP
 
 FORMAT_VERSION = 1
 ENTRY_FIELDS = ("part", "name", "scheme", "in_features", "out_features", "bias", "input_scale")
@@ -62,6 +62,17 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at dotted ``name`` inside ``root``."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def fuse_w8a8_mlps(root: nn.Module) -> int:
+    """Wrap every MLP of ``root`` (a module with ``fc1``, ``activation_fn``, ``fc2``) whose linears are both
+    :class:`W8A8Linear` in a :class:`W8A8MLP`, in place; returns the count."""
+    targets = [name for name, m in root.named_modules()
+               if isinstance(getattr(m, "fc1", None), W8A8Linear) and isinstance(getattr(m, "fc2", None), W8A8Linear)
+               and callable(getattr(m, "activation_fn", None)) and not isinstance(m, W8A8MLP) and name]
+    for name in targets:
+        replace_module(root, name, W8A8MLP(root.get_submodule(name)))
+    return len(targets)
 
 
 def apply_quant_config(part_module: nn.Module, part: str, config: dict[str, Any]) -> int:

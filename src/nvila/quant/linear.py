@@ -92,12 +92,19 @@ def dequantize_rows(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch
     buf = torch.empty(min(chunk, m), n, device=acc.device)
     for start in range(0, m, chunk):
         rows = buf[: min(chunk, m - start)]
-        torch.mul(acc[start : start + chunk], cols, out=rows)
-        if b is not None:
-            torch.addcmul(b, rows, row_scale[start : start + chunk], out=out[start : start + chunk])
-        else:
-            torch.mul(rows, row_scale[start : start + chunk], out=out[start : start + chunk])
+        _dequantize_chunk(acc[start : start + chunk], cols, row_scale[start : start + chunk], b, rows,
+                          out[start : start + chunk])
     return out
+
+
+def _dequantize_chunk(acc: torch.Tensor, cols: torch.Tensor, rows_scale: torch.Tensor, bias: torch.Tensor | None,
+                      work: torch.Tensor, out: torch.Tensor) -> None:
+    """out = acc * cols * rows_scale + bias for one chunk, via the float32 ``work`` buffer (out may be work)."""
+    torch.mul(acc, cols, out=work)
+    if bias is not None:
+        torch.addcmul(bias, work, rows_scale, out=out)
+    else:
+        torch.mul(work, rows_scale, out=out)
 
 
 def padded_width(in_features: int, group_size: int) -> int:
@@ -313,29 +320,12 @@ class W8A8MLP(nn.Module):
         for start in range(0, acc.shape[0], self.CHUNK):
             stop = min(start + self.CHUNK, acc.shape[0])
             h = buf[: stop - start]
-            torch.mul(acc[start:stop], cols, out=h)
-            if bias is not None:
-                torch.addcmul(bias, h, sx[start:stop], out=h)
-            else:
-                h.mul_(sx[start:stop])
+            _dequantize_chunk(acc[start:stop], cols, sx[start:stop], bias, h, h)
             h = self.activation_fn(h)
             if factor is not None:
                 h.mul_(factor)
             _quantize_chunk(h, hidden[start:stop], hidden_scales[start:stop])
         return self.fc2._dequantize(kernels.int8_int8_mm(hidden, self.fc2.weight), hidden_scales, x)
-
-
-def fuse_w8a8_mlps(root: nn.Module) -> int:
-    """Wrap every MLP of ``root`` (a module with ``fc1``, ``activation_fn``, ``fc2``) whose linears are both
-    :class:`W8A8Linear` in a :class:`W8A8MLP`, in place; returns the count."""
-    targets = [name for name, m in root.named_modules()
-               if isinstance(getattr(m, "fc1", None), W8A8Linear) and isinstance(getattr(m, "fc2", None), W8A8Linear)
-               and callable(getattr(m, "activation_fn", None)) and not isinstance(m, W8A8MLP) and name]
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = root.get_submodule(parent) if parent else root
-        setattr(owner, child, W8A8MLP(owner.get_submodule(child)))
-    return len(targets)
 
 
 class W4A16Linear(QuantLinear):

@@ -22,8 +22,9 @@ from torch import nn
 
 from nvila.errors import ConfigError
 from nvila.quant.calibrate import ROUNDINGS, LinearCalib, awq, llm_groups, plain, smoothquant
-from nvila.quant.config import FORMAT_VERSION, QUANT_CONFIG, is_quantized, module_entry, official_name, replace_module
-from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size, fuse_w8a8_mlps
+from nvila.quant.config import (FORMAT_VERSION, QUANT_CONFIG, fuse_w8a8_mlps, is_quantized, module_entry,
+                                official_name, replace_module)
+from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size
 
 VISION_SCHEMES = ("w8a8",)
 LLM_SCHEMES = ("w4a16", "w8a16")
