@@ -11,7 +11,9 @@ from torch import nn
 
 import nvila
 from conftest import CHECKPOINTS, OUTPUTS, case_messages, fixture_cases
-from nvila.model.fast import DecodeLinear, use_decode_linear
+from nvila.model import fast as fast_module
+from nvila.model.fast import (SHIFTED_MIN_TOKENS, VISION_ATTENTION, DecodeLinear, cpu_has_native_bf16,
+                              shifted_bf16_attention, use_decode_linear)
 
 CASES = fixture_cases()
 
@@ -88,3 +90,71 @@ def test_fast_path_tracks_references(variant: str) -> None:
     assert worst < 1.0, f"max |logit - fp32 reference| = {worst:.3f}"
     assert first >= 12, f"first greedy token matches the fp32 reference in only {first}/13 cases"
     assert agree / total >= 0.75, f"fast vs plain bf16 greedy agreement {agree}/{total}"
+
+
+def _attention_inputs(b: int, h: int, t: int, d: int, spread: float, seed: int) -> list[torch.Tensor]:
+    """(B, H, T, D) bf16 views of (B, T, H * D) projections, laid out as transformers' attention gets them."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, t, h * d, generator=g) * spread).bfloat16().view(b, t, h, d).transpose(1, 2)
+            for _ in range(3)]
+
+
+def _relative_rms(out: torch.Tensor, want: torch.Tensor) -> float:
+    return float((out.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt())
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="runs as SDPA on CPUs without native bf16")
+@pytest.mark.parametrize("spread", [1.0, 4.0])   # scores of size ~1 (flat softmax) and ~16 (peaked)
+def test_shifted_bf16_attention_is_as_accurate_as_bf16_flash(spread: float) -> None:
+    module = nn.Module().eval()
+    q, k, v = _attention_inputs(2, 3, SHIFTED_MIN_TOKENS, 40, spread, seed=0)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)   # (B, T, H, D)
+    out, weights = shifted_bf16_attention(module, q, k, v, None, scaling=40**-0.5, is_causal=False)
+    assert weights is None and out.shape == want.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
+    flash = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    # bf16 scores rounded before the shift (what a plain bf16 GEMM gives): the error the shift avoids
+    plain = torch.softmax((q @ k.transpose(-1, -2)).float() * 40**-0.5, -1).bfloat16() @ v
+    err, err_flash, err_plain = (_relative_rms(x, want) for x in (out, flash, plain.transpose(1, 2)))
+    assert err < 2.5 * err_flash and err < 0.006, (err, err_flash)
+    if spread > 1:
+        assert err_plain > 4 * err, (err_plain, err)
+
+
+def test_shifted_bf16_attention_defers_to_sdpa_when_it_does_not_apply() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = nn.Module().eval()
+    q, k, v = _attention_inputs(1, 2, SHIFTED_MIN_TOKENS, 16, 1.0, seed=1)
+    mask = torch.zeros(1, 1, SHIFTED_MIN_TOKENS, SHIFTED_MIN_TOKENS, dtype=torch.bfloat16)
+    mask[..., -5:] = float("-inf")
+    short = [x[:, :, :64] for x in (q, k, v)]
+    for args, kwargs in [((q, k, v, mask), {}), ((*short, None), {}), ((q.float(), k.float(), v.float(), None), {})]:
+        want = sdpa_attention_forward(module, *args, is_causal=False, **kwargs)[0]
+        assert torch.equal(shifted_bf16_attention(module, *args, is_causal=False, **kwargs)[0], want)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="runs as SDPA on CPUs without native bf16")
+def test_fast_load_runs_the_vision_tower_through_shifted_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import sdpa_attention
+
+    fast = nvila.load(CHECKPOINTS / "nvila-lite", dtype="bfloat16", device="cpu")
+    plain = nvila.load(CHECKPOINTS / "nvila-lite", dtype="bfloat16", device="cpu", fast=False)
+    assert fast.model.vision.model.config._attn_implementation == VISION_ATTENTION
+    assert plain.model.vision.model.config._attn_implementation == "sdpa"
+    size = fast.config.tile_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = plain.model.encode_tiles(pixels)
+        monkeypatch.setattr(fast_module, "SHIFTED_MIN_TOKENS", 1)          # the fixture's tiles are small
+        monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", None)  # no way back to SDPA
+        got = fast.model.encode_tiles(pixels)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def test_vision_layers_get_contiguous_tokens() -> None:
+    """SigLIP's embeddings are a transposed view; the tower hands its layers a contiguous copy."""
+    pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", device="cpu")
+    seen = []
+    pipe.model.vision.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    pipe.model.encode_tiles(torch.zeros(1, 3, pipe.config.tile_size, pipe.config.tile_size))
+    assert seen == [True]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,7 +29,7 @@ from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothq
 from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, gptq, smooth_scale
 from nvila.quant.data import calibration_conversations, calibration_prompts
 from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A8MLP, W8A16Linear, dequantize_rows,
-                                fake_quant_int4, pack_int4,
+                                fake_quant_int4, gelu_tanh_, pack_int4,
                                 quantize_int4, quantize_int8, quantize_rows_int8, unpack_int4)
 from nvila.quant.config import fuse_w8a8_mlps
 from nvila.quant.model import correct_bias, relative_error
@@ -174,6 +175,13 @@ def test_w8a8_siblings_share_the_quantization_of_the_same_input(monkeypatch: pyt
     assert len(calls) == 4
 
 
+def test_gelu_tanh_in_place_matches_torch() -> None:
+    x = torch.linspace(-12, 12, 4001)
+    want = F.gelu(x.double(), approximate="tanh")
+    torch.testing.assert_close(gelu_tanh_(x.clone()).double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(F.gelu(x, approximate="tanh").double(), want, rtol=0, atol=2e-6)   # same accuracy
+
+
 def test_fused_w8a8_mlp_equals_the_unfused_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import SiglipVisionConfig
     from transformers.models.siglip.modeling_siglip import SiglipMLP
@@ -189,7 +197,8 @@ def test_fused_w8a8_mlp_equals_the_unfused_sequence(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(W8A8MLP, "CHUNK", 64)                                # 150 rows: 2 whole chunks + 22
     x = gaussian(3, 50, 64, seed=3)
     unfused = mlp(x)
-    assert torch.equal(holder.mlp(x), unfused)                               # float32: the same operations
+    step = unfused.abs().max().item() / 127                                 # float32: the same operations, up to
+    torch.testing.assert_close(holder.mlp(x), unfused, rtol=0, atol=step)    # a rare one-code flip from the GELU form
     xb = x.bfloat16()
     torch.testing.assert_close(holder.mlp(xb).float(), unfused, rtol=0.05, atol=0.05 * unfused.abs().max().item())
 
