@@ -73,8 +73,8 @@ bench-quant: $(STAMP)
 	test -f $(BENCH_DIR)/nvila-lite-2b-w4/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w4 && \
 		$(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w4 --calib-samples 4 \
 		> /dev/null)
-	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16 --quantized $(BENCH_DIR)/nvila-lite-2b-w4 \
-		--runs 3 --warmup 1 --new-tokens 32 --json docs/perf/quant-lite-2b.json
+	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --quantized $(BENCH_DIR)/nvila-lite-2b-w4 \
+		--runs 3 --warmup 1 --interleave 5 --new-tokens 32 --json docs/perf/quant-lite-2b.json
 
 # NVILA-Nano's easy-VQA accuracy after quantization: merge the shipped adapter, quantize (defaults: W8A8 ViT,
 # W4A16 LLM with GPTQ, 64 calibration conversations, here drawn with seed 1), evaluate on the first 1,000 test

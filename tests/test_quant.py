@@ -28,8 +28,8 @@ from nvila.model.fast import cpu_has_int8_dot, cpu_has_native_bf16
 from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothquant
 from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, gptq, smooth_scale
 from nvila.quant.data import calibration_conversations, calibration_prompts
-from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A8MLP, W8A16Linear, dequantize_rows,
-                                fake_quant_int4, gelu_tanh_, pack_int4,
+from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A8MLP, W8A16Linear, dequantize_int4,
+                                dequantize_packed_int4, dequantize_rows, fake_quant_int4, gelu_tanh_, pack_int4,
                                 quantize_int4, quantize_int8, quantize_rows_int8, unpack_int4)
 from nvila.quant.config import fuse_w8a8_mlps
 from nvila.quant.model import correct_bias, relative_error
@@ -214,6 +214,11 @@ def test_int4_layout_and_short_last_group() -> None:
     assert m.weight.shape == (32, 128) and m.weight_scale.shape == (32, 2) and m.weight_zero.dtype == torch.uint8
     padding_codes = unpack_int4(m.weight)[:, 176:]
     assert torch.equal(padding_codes, m.weight_zero.repeat_interleave(128, 1)[:, 176:])   # code == zero: 0.0
+    # straight from the bytes (what the W4A16 reference path does) = from the codes, up to float32 rounding
+    want = dequantize_int4(unpack_int4(m.weight), m.weight_scale, m.weight_zero, 128)
+    got = dequantize_packed_int4(m.weight, m.weight_scale, m.weight_zero, 128)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[:, 176:], torch.zeros(32, 80))
 
 
 def test_bad_quantized_inputs_are_config_errors() -> None:
@@ -452,6 +457,16 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[nvila.Pipeline,
     return pipe, out, float_state
 
 
+def test_a_quantized_model_loaded_in_inference_mode_runs(quantized) -> None:
+    """Tensors made under inference mode have no version counter; the 4-bit kernel cache must not need one."""
+    _, out, _ = quantized
+    want = nvila.load(out, dtype="bfloat16", device="cpu").generate(QUESTION, max_new_tokens=3).output_token_ids
+    with torch.inference_mode():
+        pipe = nvila.load(out, dtype="bfloat16", device="cpu")
+        assert pipe.model.llm.model.layers[0].mlp.down_proj.weight.is_inference()
+        assert pipe.generate(QUESTION, max_new_tokens=3).output_token_ids == want
+
+
 def test_round_trip_gives_identical_logits_and_keeps_names(quantized) -> None:
     pipe, out, float_state = quantized
     loaded = nvila.load(out, dtype="float32", device="cpu")
@@ -651,14 +666,22 @@ def test_bench_measures_the_quantized_model_next_to_the_float_one(quantized, tmp
                                                                   capsys: pytest.CaptureFixture) -> None:
     _, out, _ = quantized
     report = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(LITE), "--compare", "fp32", "--quantized", str(out), "--quant-dtype",
-                 "float32", "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--json", str(report)]) == 0
+    assert main(["bench", "--model", str(LITE), "--compare", "fp32,fast", "--quantized", str(out), "--quant-dtype",
+                 "float32", "--runs", "1", "--warmup", "0", "--new-tokens", "2", "--interleave", "2",
+                 "--json", str(report)]) == 0
     data = json.loads(report.read_text())
-    assert list(data["setups"]) == ["fp32", "w8a8+w4a16"]
+    assert list(data["setups"]) == ["fp32", "fast", "w8a8+w4a16"]
+    assert set(data["ratios"]) == {"fast_vs_fp32", "w8a8+w4a16_vs_fp32", "w8a8+w4a16_vs_fast"}
+    turns = data["interleaved"]
+    assert list(turns["setups"]) == ["fp32", "fast", "w8a8+w4a16"] and set(turns["ratios"]) == set(data["ratios"])
+    assert turns["setups"]["fast"]["vision_s"] > 0 and turns["ratios"]["w8a8+w4a16_vs_fast"]["vision_s"] == (
+        turns["setups"]["fast"]["vision_s"] / turns["setups"]["w8a8+w4a16"]["vision_s"])
     quant, fp32 = data["setups"]["w8a8+w4a16"], data["setups"]["fp32"]
     assert quant["num_visual_tokens"] == fp32["num_visual_tokens"] and quant["prompt_length"] == fp32["prompt_length"]
     assert quant["weight_bytes"] < fp32["weight_bytes"]          # packed int4/int8 weights
     assert set(data["ratios"]["w8a8+w4a16_vs_fp32"]) >= {"ttft_s", "vision_s", "decode_tokens_per_s"}
-    assert "w8a8+w4a16 vs fp32" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "w8a8+w4a16 vs fp32" in printed and "w8a8+w4a16 vs fast" in printed
+    assert "interleaved w8a8+w4a16 vs fast" in printed
     assert main(["bench", "--model", str(LITE), "--quantized", str(tmp_path)]) == 2
     assert "no quant_config.json" in capsys.readouterr().err

@@ -81,8 +81,8 @@ def load(
 
     ``dtype="auto"`` picks bfloat16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX CPUs)
     and float32 otherwise; pass ``dtype="float32"`` for bit-level parity with the reference.
-    ``fast`` (default: on for bfloat16 on CPU) swaps the LLM's linears for the measured-faster
-    single-token decode kernel and runs the vision tower's attention as bf16 GEMMs
+    ``fast`` (default: on for bfloat16 on CPU) runs the vision tower's attention as bf16 GEMMs and, on
+    CPUs where it was measured faster (AMX), swaps the LLM's linears for a single-token decode kernel
     (:mod:`nvila.model.fast`); results are the same up to bf16 rounding.
     ``lora`` names a LoRA adapter folder (``nvila.train.lora.save_adapter``, needs ``nvila[train]``): it is
     loaded into the base model and merged, so inference runs at the base model's speed.
@@ -102,11 +102,12 @@ def load(
                               "float model (nvila merge), then quantize the result")
         load_adapter(ckpt.model, lora)
         merge_lora(ckpt.model)
-    from nvila.model.fast import contiguous_head, use_decode_linear, use_fast_vision_attention
+    from nvila.model.fast import contiguous_head, decode_kernel_wins, use_decode_linear, use_fast_vision_attention
 
     contiguous_head(ckpt.model.llm)
     if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
-        use_decode_linear(ckpt.model.llm)
+        if decode_kernel_wins():
+            use_decode_linear(ckpt.model.llm)
         use_fast_vision_attention(ckpt.model.vision.model)
     return Pipeline(ckpt)
 

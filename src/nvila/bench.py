@@ -5,6 +5,11 @@ Every number is a median over ``runs`` repetitions after ``warmup`` untimed ones
 one is freed, and its peak RSS is measured from a reset high-water mark (Linux ``/proc/self/clear_refs``).
 Decode speed is measured over a fixed number of steps that ignore stop tokens, so random checkpoints
 give comparable numbers.
+
+On a shared machine whose speed drifts while the setups run one after the other (other tenants moved
+figures by 10-30 % between setups here), :func:`bench_interleaved` measures the setups in turns: all
+loaded together, each round runs every setup once, so a slow spell hits all of them alike. Its ratios are
+the ones to quote; the sequential pass still gives memory.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -43,10 +48,12 @@ def quantized_label(folder: str | Path) -> str:
 
 
 def load_quantized(folder: str | Path, device: str, dtype: str) -> Any:
-    """A quantized checkpoint as ``nvila.load`` serves it (its quantized linears are its decode kernels)."""
+    """A quantized checkpoint as ``nvila.load`` serves it: with the fast path where it applies (bf16 on CPU:
+    the vision attention, and the decode kernel for linears left in float, such as the LM head), so it is
+    to be compared with the ``fast`` setup."""
     from nvila.api import load
 
-    return load(folder, device=device, dtype=dtype, fast=False)
+    return load(folder, device=device, dtype=dtype)
 
 
 @dataclass
@@ -184,6 +191,41 @@ def bench_setup(
     return result
 
 
+def bench_interleaved(
+    loads: Sequence[tuple[str, Callable[[], Any]]],
+    messages: Any,
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    new_tokens: int = 32,
+    media_options: dict[str, Any] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Medians of :func:`time_once` per setup (label -> stage -> value), the setups measured in turns.
+
+    Every setup is loaded first (their memory adds up), then each of ``warmup + rounds`` rounds runs each
+    setup once in the given order.
+    """
+    if rounds < 1 or warmup < 0 or new_tokens < 1:
+        raise ConfigError("need rounds >= 1, warmup >= 0 and new_tokens >= 1")
+    pipes = []
+    for label, load in loads:
+        if on_step:
+            on_step(f"interleaved: loading {label}")
+        pipes.append((label, load()))
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in pipes}
+    for i in range(warmup + rounds):
+        if on_step:
+            on_step(f"interleaved: {'warm-up' if i < warmup else 'round'} {i + 1 - (warmup if i >= warmup else 0)}")
+        for label, pipe in pipes:
+            sample = time_once(pipe, messages, new_tokens, media_options or {})
+            if i >= warmup:
+                samples[label].append(sample)
+    del pipes
+    gc.collect()
+    return {label: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for label, runs in samples.items()}
+
+
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Memory read bandwidth in bytes/s: median time to sum a ``gib`` GiB float32 tensor (all threads)."""
     x = torch.ones(int(gib * 2**30) // 4)
@@ -199,23 +241,41 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 RATIO_KEYS = ("ttft_s", "vision_s", "prefill_s", "decode_tokens_per_s", "peak_rss_bytes")
 
 
-def ratios(base: BenchResult, other: BenchResult) -> dict[str, float]:
-    """Speed-ups of ``other`` over ``base`` (>1 = faster / smaller)."""
+def ratios(base: BenchResult | Mapping[str, float], other: BenchResult | Mapping[str, float]) -> dict[str, float]:
+    """Speed-ups of ``other`` over ``base`` (>1 = faster / smaller); results or :func:`bench_interleaved` medians."""
+    base, other = (x if isinstance(x, Mapping) else asdict(x) for x in (base, other))
     out = {}
     for key in RATIO_KEYS:
-        a, b = getattr(base, key), getattr(other, key)
+        a, b = base.get(key), other.get(key)
         if a and b:
             out[key] = (b / a) if key == "decode_tokens_per_s" else (a / b)
     return out
 
 
-def write_json(path: str | Path, results: Sequence[BenchResult], extra: dict[str, Any] | None = None) -> None:
-    """Medians of the first setup at the top level, every setup under ``setups``, ratios if compared."""
+def comparisons(results: Sequence[BenchResult], quantized: bool = False) -> list[tuple[BenchResult, BenchResult]]:
+    """(base, other) pairs whose ratios are reported: every setup against the first, and a quantized setup
+    (the last one) also against each other float setup (``fast`` is the one it runs like)."""
+    pairs = [(results[0], r) for r in results[1:]]
+    if quantized:
+        pairs += [(r, results[-1]) for r in results[1:-1]]
+    return pairs
+
+
+def write_json(path: str | Path, results: Sequence[BenchResult], extra: dict[str, Any] | None = None,
+               quantized: bool = False, interleaved: dict[str, dict[str, float]] | None = None) -> None:
+    """Medians of the first setup at the top level, every setup under ``setups``, ratios if compared;
+    :func:`bench_interleaved` medians and their ratios under ``interleaved``."""
     data: dict[str, Any] = dict(asdict(results[0]))
     data.update(extra or {})
     data["setups"] = {r.label: asdict(r) for r in results}
-    if len(results) > 1:
-        data["ratios"] = {f"{r.label}_vs_{results[0].label}": ratios(results[0], r) for r in results[1:]}
+    pairs = comparisons(results, quantized)
+    if pairs:
+        data["ratios"] = {f"{b.label}_vs_{a.label}": ratios(a, b) for a, b in pairs}
+    if interleaved:
+        data["interleaved"] = {
+            "setups": interleaved,
+            "ratios": {f"{b.label}_vs_{a.label}": ratios(interleaved[a.label], interleaved[b.label]) for a, b in pairs},
+        }
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -317,6 +317,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the quantized model's float parts and activations (default auto)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="then load every setup at once and time them in turns for ROUNDS rounds (ratios robust "
+                        "to a machine whose speed drifts; memory adds up)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", default=None, metavar="FILE", help="write the medians as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots")
@@ -362,6 +365,14 @@ def bench(args: argparse.Namespace) -> int:
                                                                              args.quant_dtype),
                                              messages, runs=args.runs, warmup=args.warmup,
                                              new_tokens=args.new_tokens, media_options=opts, on_step=step))
+            interleaved = None
+            if args.interleave:
+                loads = [(name, lambda kw=B.SETUPS[name]: load(args.model, device=args.device, **kw)) for name in names]
+                if args.quantized:
+                    loads.append((results[-1].label, lambda: B.load_quantized(args.quantized, args.device,
+                                                                              args.quant_dtype)))
+                interleaved = B.bench_interleaved(loads, messages, rounds=args.interleave, warmup=args.warmup,
+                                                  new_tokens=args.new_tokens, media_options=opts, on_step=step)
             sweep = {}
             if args.sweep:
                 label = "frames" if args.frames else "image size"
@@ -375,9 +386,10 @@ def bench(args: argparse.Namespace) -> int:
                     points.append((v, r.ttft_s))
                 sweep[label] = points
     bandwidth = B.measure_read_bandwidth()
-    print_bench(results, bandwidth)
+    print_bench(results, bandwidth, quantized=bool(args.quantized), interleaved=interleaved)
     if args.json:
-        B.write_json(args.json, results, {"read_bandwidth_bytes_per_s": bandwidth})
+        B.write_json(args.json, results, {"read_bandwidth_bytes_per_s": bandwidth}, quantized=bool(args.quantized),
+                     interleaved=interleaved)
     if args.plot:
         for path in B.plot(results, args.plot, sweep):
             print(f"wrote {path}")
@@ -425,11 +437,12 @@ def _progress():
     return run()
 
 
-def print_bench(results: list, bandwidth: float | None = None) -> None:
+def print_bench(results: list, bandwidth: float | None = None, quantized: bool = False,
+                interleaved: dict[str, dict[str, float]] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from nvila.bench import ratios
+    from nvila.bench import comparisons, ratios
 
     table = Table(title="nvila bench (medians)")
     rows = [("preprocess (s)", "preprocess_s", "{:.3f}"), ("vision tower (s)", "vision_s", "{:.3f}"),
@@ -449,9 +462,20 @@ def print_bench(results: list, bandwidth: float | None = None) -> None:
         print(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s; decode streams "
               + ", ".join(f"{r.label} {100 * r.decode_gb_per_s * 1e9 / bandwidth:.0f}%" for r in results)
               + " of it")
-    for r in results[1:]:
-        rat = ratios(results[0], r)
-        print(f"{r.label} vs {results[0].label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
+    for base, other in comparisons(results, quantized):
+        rat = ratios(base, other)
+        print(f"{other.label} vs {base.label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
+    if interleaved:
+        table = Table(title="interleaved (medians of rounds, setups in turns)")
+        table.add_column("metric")
+        for label in interleaved:
+            table.add_column(label, justify="right")
+        for name, key, fmt in rows[:6]:
+            table.add_row(name, *[fmt.format(m[key]) for m in interleaved.values()])
+        Console().print(table)
+        for base, other in comparisons(results, quantized):
+            rat = ratios(interleaved[base.label], interleaved[other.label])
+            print(f"interleaved {other.label} vs {base.label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
 
 
 # ---- entry point ---------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """CPU fast path: kernels chosen by measurement on AVX512-BF16 machines (see README, Performance).
 
-Two swaps, both applied by :func:`nvila.load` for bf16 on CPU: the LLM's linears take a matrix-vector
-kernel for single-row (decode) products, and the vision tower's attention runs as bf16 GEMMs
-(:func:`shifted_bf16_attention`).
+Two swaps, applied by :func:`nvila.load` for bf16 on CPU: the vision tower's attention runs as bf16
+GEMMs (:func:`shifted_bf16_attention`), and on CPUs with AMX the LLM's linears take a matrix-vector
+kernel for single-row (decode) products.
 
-Measured on the 2-core reference machine with bf16 weights larger than the caches (LLM shapes of
-NVILA-Lite-2B): ``F.linear`` with one input row streams 17-21 GB/s of weights, ``torch.mv`` 26-28 GB/s;
-with two or more rows ``F.linear`` wins again. Decoding one sequence is all single-row products, so the
-LLM's linears are swapped for :class:`DecodeLinear`, which takes the matrix-vector kernel for one row
-and ``F.linear`` otherwise. Parameter names and values are unchanged (a module swap, not a conversion).
+Measured on 2-core machines with bf16 weights larger than the caches (LLM shapes of NVILA-Lite-2B): on
+an AMX CPU ``F.linear`` with one input row streams 17-21 GB/s of weights, ``torch.mv`` 26-28 GB/s; on an
+AVX512-BF16 CPU without AMX it is the other way round (1 x 1536 -> 151,936, the tied LM head: ``F.linear``
+29.7 GB/s, ``torch.mv`` 23.2; 1 x 1536 -> 8960: 30.1 vs 19.8). With two or more rows ``F.linear`` wins
+everywhere. Decoding one sequence is all single-row products, so on AMX CPUs
+(:func:`decode_kernel_wins`) the LLM's linears are swapped for :class:`DecodeLinear`, which takes the
+matrix-vector kernel for one row and ``F.linear`` otherwise. Parameter names and values are unchanged
+(a module swap, not a conversion).
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ def cpu_flags() -> frozenset[str]:
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def decode_kernel_wins() -> bool:
+    """True where ``torch.mv`` outstreams ``F.linear`` for one bf16 row: measured on AMX CPUs (see above)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def cpu_has_int8_dot() -> bool:

@@ -58,9 +58,12 @@ on one 448 tile, 26 layers, medians of 5 alternating runs): dequantizing in row 
 output (:func:`nvila.quant.linear.dequantize_rows`), applying fc2's input scale while quantizing, one
 quantization shared by q, k and v, and fc1 -> GELU -> fc2 fused (:class:`nvila.quant.linear.W8A8MLP`)
 took the quantized tower from 1.55 to 1.47-1.57 s (bf16: 1.82-1.90 s; 1.18x -> 1.22-1.25x). ``torch.aminmax``
-for the per-token range was 10x slower than ``amax`` and ``amin`` (1.69 s for the tower). What remains
-per layer: attention (flash SDPA, bf16, 27 ms of ~57, not quantized), ``torch._int_mm`` 17 ms (bf16
-``F.linear`` on the same shapes: ~40 ms), quantize/dequantize/GELU passes ~8 ms, LayerNorms ~2.6 ms.
+for the per-token range was 10x slower than ``amax`` and ``amin`` (1.69 s for the tower). Then the float
+work shared with the bf16 tower shrank (attention as bf16 GEMMs, 27 -> 17 ms a layer, and contiguous
+tokens: :mod:`nvila.model.fast`, :mod:`nvila.model.vision`) and the fused MLP's GELU got cheaper
+(:func:`nvila.quant.linear.gelu_tanh_`): 1.31-1.37x. What remains per layer: ``torch._int_mm`` 17.7 ms
+(bf16 ``F.linear`` on the same shapes: ~40 ms), attention ~17 ms (bf16, not quantized),
+quantize/dequantize/GELU passes ~6 ms, LayerNorms ~0.5 ms.
 
 CUDA (code path only, no GPU was available to measure it): W4A16 uses the tinygemm kernel
 ``aten._weight_int4pack_mm`` (bfloat16 activations, compute capability >= 8.0), W8A8 uses ``torch._int_mm``

