@@ -156,6 +156,24 @@ def test_fused_kernel_equals_reference(scheme: str, k: int) -> None:
     assert m(many).shape == (2, 5, 96)
 
 
+def test_cuda_kernel_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which CUDA op each scheme takes, and the shapes tinygemm accepts (the rule itself; no GPU needed)."""
+    from types import SimpleNamespace
+
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert kernels.use_kernel("w4a16", x, 1, 64, 256, 128) and kernels.use_kernel("w4a16", x, 512, 64, 256, 128)
+    assert not kernels.use_kernel("w4a16", x, 1, 64, 256, 96)                     # tinygemm group sizes only
+    assert not kernels.use_kernel("w4a16", x, 1, 60, 256, 128)                    # N % 8
+    assert not kernels.use_kernel("w4a16", SimpleNamespace(device=x.device, dtype=torch.float16), 1, 64, 256, 128)
+    capability[0] = (7, 5)
+    assert not kernels.use_kernel("w4a16", x, 1, 64, 256, 128)                    # bf16 tensor cores: sm80+
+    assert kernels.use_kernel("w8a8", x, 17, 64, 256) and not kernels.use_kernel("w8a8", x, 16, 64, 256)
+    assert not kernels.use_kernel("w8a8", x, 64, 64, 252) and not kernels.use_kernel("w8a16", x, 64, 64, 256)
+    assert [kernels.inner_k_tiles(k) for k in (256, 128, 64, 32, 48)] == [8, 8, 4, 2, 0]
+
+
 def test_w8a8_siblings_share_the_quantization_of_the_same_input(monkeypatch: pytest.MonkeyPatch) -> None:
     import nvila.quant.linear as qlinear
 

@@ -328,8 +328,9 @@ class W8A8MLP(nn.Module):
     written out in the model's dtype and read back three times (for the 1024 x 4304 hidden activation of
     a SigLIP tile those passes cost about as much as fc2's int8 GEMM). The result is the unfused
     sequence run in float32 (tanh-GELU computed by :func:`gelu_tanh_`: equal up to float32 rounding, so
-    an int8 code of the hidden activation may differ by one). Otherwise (reference path, e.g. float32 rows on a CPU without int8 dot
-    products) it is that sequence. Children keep their names (``fc1``, ``fc2``): the state dict is unchanged.
+    an int8 code of the hidden activation may differ by one). Otherwise (reference path, e.g. float32 rows
+    on a CPU without int8 dot products) it is that sequence. Children keep their names (``fc1``, ``fc2``):
+    the state dict is unchanged.
     """
 
     CHUNK = 64  # rows of the hidden activation in flight (64 x 4304 float32: about 1 MB)
