@@ -485,6 +485,29 @@ def test_a_quantized_model_loaded_in_inference_mode_runs(quantized) -> None:
         assert pipe.generate(QUESTION, max_new_tokens=3).output_token_ids == want
 
 
+def test_cli_and_server_run_a_quantized_model(quantized, capsys: pytest.CaptureFixture) -> None:
+    """`nvila infer` and `nvila serve` (through the openai client) answer as the loaded quantized pipeline does."""
+    from test_server import ServerProcess
+
+    _, out, _ = quantized
+    want = nvila.load(out, dtype="float32", device="cpu").generate(QUESTION, max_new_tokens=6)
+    assert main(["infer", "--model", str(out), "--dtype", "float32", "--media", str(IMAGE), "--text",
+                 "Describe the image.", "--max-new-tokens", "6", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["output_token_ids"] == want.output_token_ids and printed["text"] == want.text
+    server = ServerProcess(str(out), "--allowed-media-dir", str(MEDIA))
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(
+            model=model, temperature=0, max_completion_tokens=6,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(IMAGE)}},
+                                                   {"type": "text", "text": "Describe the image."}]}])
+    finally:
+        server.stop()
+    assert answer.choices[0].message.content == want.text and answer.usage.completion_tokens == 6
+
+
 def test_round_trip_gives_identical_logits_and_keeps_names(quantized) -> None:
     pipe, out, float_state = quantized
     loaded = nvila.load(out, dtype="float32", device="cpu")
