@@ -151,6 +151,11 @@ def time_once(pipe: Any, messages: Any, new_tokens: int, media_options: dict[str
             "ttft_s": t4 - t0, "decode_tokens_per_s": new_tokens / (t5 - t4)}
 
 
+def _step_name(i: int, warmup: int, timed: str) -> str:
+    """Progress text of pass ``i``: ``warm-up 1`` .. then ``{timed} 1`` .."""
+    return f"warm-up {i + 1}" if i < warmup else f"{timed} {i + 1 - warmup}"
+
+
 def bench_setup(
     label: str,
     load: Callable[[], Any],
@@ -173,7 +178,7 @@ def bench_setup(
     samples = []
     for i in range(warmup + runs):
         if on_step:
-            on_step(f"{label}: {'warm-up' if i < warmup else 'run'} {i + 1 - (warmup if i >= warmup else 0)}")
+            on_step(f"{label}: {_step_name(i, warmup, 'run')}")
         sample = time_once(pipe, messages, new_tokens, media_options or {})
         if i >= warmup:
             samples.append(sample)
@@ -216,7 +221,7 @@ def bench_interleaved(
     samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in pipes}
     for i in range(warmup + rounds):
         if on_step:
-            on_step(f"interleaved: {'warm-up' if i < warmup else 'round'} {i + 1 - (warmup if i >= warmup else 0)}")
+            on_step(f"interleaved: {_step_name(i, warmup, 'round')}")
         for label, pipe in pipes:
             sample = time_once(pipe, messages, new_tokens, media_options or {})
             if i >= warmup:

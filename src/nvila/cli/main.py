@@ -462,20 +462,23 @@ def print_bench(results: list, bandwidth: float | None = None, quantized: bool =
         print(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s; decode streams "
               + ", ".join(f"{r.label} {100 * r.decode_gb_per_s * 1e9 / bandwidth:.0f}%" for r in results)
               + " of it")
-    for base, other in comparisons(results, quantized):
-        rat = ratios(base, other)
-        print(f"{other.label} vs {base.label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
+    def print_ratios(prefix: str, medians: Callable[[Any], Any]) -> None:
+        for base, other in comparisons(results, quantized):
+            rat = ratios(medians(base), medians(other))
+            print(f"{prefix}{other.label} vs {base.label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
+
+    print_ratios("", lambda r: r)
     if interleaved:
         table = Table(title="interleaved (medians of rounds, setups in turns)")
         table.add_column("metric")
         for label in interleaved:
             table.add_column(label, justify="right")
-        for name, key, fmt in rows[:6]:
-            table.add_row(name, *[fmt.format(m[key]) for m in interleaved.values()])
+        timed = next(iter(interleaved.values()))                   # the stages time_once measures
+        for name, key, fmt in rows:
+            if key in timed:
+                table.add_row(name, *[fmt.format(m[key]) for m in interleaved.values()])
         Console().print(table)
-        for base, other in comparisons(results, quantized):
-            rat = ratios(interleaved[base.label], interleaved[other.label])
-            print(f"interleaved {other.label} vs {base.label}: " + ", ".join(f"{k} x{v:.2f}" for k, v in rat.items()))
+        print_ratios("interleaved ", lambda r: interleaved[r.label])
 
 
 # ---- entry point ---------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     pipe.save(out)
     calibration = {"data": args.calib or "default images", "seed": args.calib_seed, **result.config["calibration"]}
     report = {"model": args.model, "out": str(out), "vision": vision, "llm": llm, "group_size": args.group_size,
-              "rounding": args.rounding, "sequential": args.sequential, "alpha": args.alpha, "calibration": calibration, "summary": result.summary(), "layers": result.report}
+              "rounding": args.rounding, "sequential": args.sequential, "alpha": args.alpha,
+              "calibration": calibration, "summary": result.summary(), "layers": result.report}
     (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0

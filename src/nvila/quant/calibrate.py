@@ -474,6 +474,11 @@ def llm_layers(llm: nn.Module) -> Sequence[nn.Module]:
 ROUNDINGS = ("nearest", "gptq")
 
 
+def resolve_clip(clip: bool | None, rounding: str) -> bool:
+    """AWQ clipping as asked, or by default only with round-to-nearest (see :func:`awq` for why)."""
+    return rounding == "nearest" if clip is None else clip
+
+
 @torch.no_grad()
 def awq(llm: nn.Module, calib_inputs: Sequence[torch.Tensor], w_bit: int = 4, group_size: int = 128,
         n_grid: int = 20, rows_per_call: int = 64, clip: bool | None = None, rounding: str = "gptq",
@@ -501,7 +506,7 @@ def awq(llm: nn.Module, calib_inputs: Sequence[torch.Tensor], w_bit: int = 4, gr
         raise ConfigError(f"unknown rounding {rounding!r}; choose from {list(ROUNDINGS)}")
     if not calib_inputs:
         raise ConfigError("AWQ needs at least one calibration input")
-    clip = rounding == "nearest" if clip is None else clip
+    clip = resolve_clip(clip, rounding)
     calibs: dict[str, LinearCalib] = {}
     inputs = block_inputs(llm, calib_inputs)
     layers = llm_layers(llm)

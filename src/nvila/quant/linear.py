@@ -108,6 +108,11 @@ def _dequantize_chunk(acc: torch.Tensor, cols: torch.Tensor, rows_scale: torch.T
         torch.mul(work, rows_scale, out=out)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference-mode tensors, which torch does not track."""
+    return None if t.is_inference() else t._version
+
+
 def padded_width(in_features: int, group_size: int) -> int:
     """K rounded up to a whole number of groups."""
     return -(-in_features // group_size) * group_size
@@ -292,7 +297,7 @@ class W8A8Linear(W8A16Linear):
         self._check_width(x)
         if self.input_scale is not None:
             return quantize_rows_int8(x.reshape(-1, self.in_features), scale=self.input_scale)
-        version = None if x.is_inference() else x._version
+        version = _version(x)
         last = W8A8Linear._last_input
         if last is not None and last[0]() is x and last[1] == version:
             return last[2], last[3]
@@ -442,7 +447,7 @@ class W4A16Linear(QuantLinear):
         alone is the key.
         """
         bufs = (self.weight, self.weight_scale, self.weight_zero)
-        key = tuple((b.data_ptr(), None if b.is_inference() else b._version) for b in bufs) + (rows.dtype,)
+        key = tuple((b.data_ptr(), _version(b)) for b in bufs) + (rows.dtype,)
         if self._packed is None or self._packed[0] != key:
             packed = kernels.int4_pack(unpack_int4(self.weight), self.weight, rows.device, self.padded_in)
             self._packed = (key, packed, kernels.int4_scale_zero(self.weight_scale, self.weight_zero, rows.dtype))

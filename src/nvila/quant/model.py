@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from nvila.errors import ConfigError
-from nvila.quant.calibrate import ROUNDINGS, LinearCalib, awq, llm_groups, plain, smoothquant
+from nvila.quant.calibrate import ROUNDINGS, LinearCalib, awq, llm_groups, plain, resolve_clip, smoothquant
 from nvila.quant.config import (FORMAT_VERSION, QUANT_CONFIG, fuse_w8a8_mlps, is_quantized, module_entry,
                                 official_name, replace_module)
 from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size
@@ -85,6 +85,7 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
     nearest rounding; see :func:`nvila.quant.calibrate.awq`).
     """
     check_schemes(vision, llm, group_size)
+    clip = resolve_clip(clip, rounding)
     if rounding not in ROUNDINGS:
         raise ConfigError(f"unknown rounding {rounding!r}; choose from {list(ROUNDINGS)}")
     if is_quantized(model):
@@ -103,7 +104,6 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
         with torch.no_grad():
             embeds = [model.embed_prompt(p.input_ids, p.media) for p in calib]            # (L_fused, D) each
         if llm == "w4a16":
-            clip = rounding == "nearest" if clip is None else clip
             calibs = awq(model.llm, embeds, 4, group_size, n_grid, rows_per_call, clip=clip, rounding=rounding,
                          sequential=sequential)
         else:
@@ -111,8 +111,7 @@ def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | Non
                                                                       for e in embeds], rows_per_call)
         _swap_part(model.llm, "llm", calibs, llm, group_size, result, bias_correction)
     result.config = _config(vision, llm, group_size, alpha, bias_correction, len(calib),
-                            sum(t.shape[0] for t in tiles), result, rounding, sequential,
-                            rounding == "nearest" if clip is None else clip)
+                            sum(t.shape[0] for t in tiles), result, rounding, sequential, clip)
     return result
 
 
