@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from nvila.errors import NvilaError
+from nvila.base.errors import NvilaError
 from nvila.eval.balance import COLOUR, SHAPE, Mix, balanced_records, captioned, grammar, image_labels, negated
 from nvila.eval.datasets import ONE_WORD, EvalItem, load_eval
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import CHECKPOINTS, MEDIA, OUTPUTS
-from nvila.bench import SETUPS, BenchResult, ratios
+
+from nvila.base.errors import NvilaError
+from nvila.bench.report import ratios
+from nvila.bench.timing import SETUPS, BenchResult
 from nvila.cli.main import main
-from nvila.errors import NvilaError
 
 
 def test_bench_cli_json_and_plots(tmp_path, capsys) -> None:
@@ -53,6 +54,6 @@ def test_unknown_setup_is_an_error(capsys) -> None:
     assert main(["bench", "--model", str(CHECKPOINTS / "nvila"), "--compare", "fp32,turbo"]) == 2
     assert "unknown setup" in capsys.readouterr().err
     with pytest.raises(NvilaError, match="runs >= 1"):
-        from nvila.bench import bench_setup
+        from nvila.bench.timing import bench_setup
 
         bench_setup("x", lambda: None, "hi", runs=0)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CHECKPOINTS, MEDIA
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA
-from nvila.errors import ConfigError, PromptError
+from nvila.base.errors import ConfigError, PromptError
 from nvila.processing.processor import IGNORE_INDEX
 from nvila.train.branches import PREFIX, branch_positions, branched_prompt, single_turns
-from nvila.train.step import collate, lm_loss
+from nvila.train.loss import answer_loss
+from nvila.train.step import collate
 
 IMAGE = str(MEDIA / "hopper_64x64.png")
 CONVERSATION = [
@@ -58,7 +59,7 @@ def test_branched_prompt_layout(pipe: nvila.Pipeline) -> None:
 
 
 def test_branched_prompt_reads_the_shared_image_once(pipe: nvila.Pipeline, monkeypatch) -> None:
-    from nvila import media as media_io
+    from nvila.processing import media as media_io
 
     reads = []
     load = media_io.load_image
@@ -82,9 +83,9 @@ def test_branched_loss_equals_single_turn_losses(pipe: nvila.Pipeline) -> None:
                            position_ids=batch["position_ids"], use_cache=False).logits
         per_row = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
                                                     ignore_index=IGNORE_INDEX, reduction="none").sum(1)
-        singles = [lm_loss(model, collate(model, [s]), "sum")[0]
+        singles = [answer_loss(model, collate(model, [s]))[0]
                    for s in (pipe.processor(c, training=True) for c in single_turns(CONVERSATION))]
-        alone = lm_loss(model, collate(model, [plain]), "sum")[0]
+        alone = answer_loss(model, collate(model, [plain]))[0]
     torch.testing.assert_close(per_row[0], sum(singles), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(per_row[1], alone, rtol=1e-4, atol=1e-4)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHECKPOINTS, MEDIA, VARIANTS, fixture_pipeline
 from safetensors import safe_open
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA, VARIANTS, fixture_pipeline
-from nvila.errors import CheckpointError, NvilaError
+from nvila.base.errors import CheckpointError, NvilaError
 
 PARTS = ("llm", "vision_tower", "mm_projector")
 MEDIA_TOKENS = ("<vila/sentinel>", "<image>", "<vila/video>")

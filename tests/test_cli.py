@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
-
 from conftest import CHECKPOINTS, MEDIA, OUTPUTS
+
 from nvila.cli.main import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]

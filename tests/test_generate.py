@@ -13,10 +13,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import OUTPUTS, VARIANTS, case_messages, fixture_cases, fixture_pipeline
-from nvila.errors import PromptError
+
 from nvila import generate
+from nvila.base.errors import PromptError
 from nvila.generate import SamplingParams, TextStream, decode_step, left_pad, prefill, sample, shared_prefix
 
 CASES = fixture_cases()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHECKPOINTS
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nvila
-from conftest import CHECKPOINTS
 
 
 def _assemble(tmp_path: Path, llm_model: torch.nn.Module) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for nvila.media: exact image conversion, reference frame sampling, video decoding, and bad input."""
+"""Tests for nvila.processing.media: exact image conversion, reference frame sampling, video decoding, and bad input."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_claiming
 from PIL import Image
 
-from conftest import png_claiming
-from nvila.errors import MediaError
-from nvila.media import (
+from nvila.base.errors import MediaError
+from nvila.processing.media import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,

@@ -8,9 +8,9 @@ import http.server
 import threading
 
 import pytest
-
 from conftest import MEDIA
-from nvila.errors import MediaError
+
+from nvila.base.errors import MediaError
 from nvila.serve.media_urls import MediaPolicy, fetch_media
 
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CHECKPOINTS, OUTPUTS, case_messages, fixture_cases, fixture_pipeline
 from safetensors import safe_open
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from conftest import CHECKPOINTS, OUTPUTS, case_messages, fixture_cases, fixture_pipeline
-from nvila.config import NvilaConfig
-from nvila.errors import ConfigError, PromptError
+from nvila.base.errors import ConfigError, PromptError
+from nvila.formats.config import NvilaConfig
 from nvila.model.nvila import NvilaModel
 from nvila.model.projector import PROJECTORS, Projector, SpaceToChannel, downsample_factor
 from nvila.model.s2 import merge_scales, raster_tokens

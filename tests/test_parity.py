@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import OUTPUTS, case_messages, fixture_cases, fixture_pipeline
 
 CASES = fixture_cases()

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import MEDIA
 from transformers import Qwen2Config, SiglipVisionConfig, SiglipVisionModel
 
 import nvila
-from conftest import MEDIA
+from nvila.builders.presets import PRESETS, SIGLIP_SO400M_448, random_checkpoint
 from nvila.model.projector import Projector
-from nvila.presets import PRESETS, SIGLIP_SO400M_448, random_checkpoint
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -23,9 +23,9 @@ def _params(module: torch.nn.Module) -> int:
     [("nvila-8b", 62.4e6), ("nvila-lite-8b", 61.1e6)],  # spec §1.1: from the released mm_projector sizes
 )
 def test_projector_sizes_match_released_files(preset: str, projector_params: float) -> None:
-    top, llm, kind = PRESETS[preset]
+    spec = PRESETS[preset]
     with torch.device("meta"):
-        proj = Projector(kind, top["mm_hidden_size"], llm["hidden_size"])
+        proj = Projector(spec.projector, spec.mm_hidden_size, spec.llm["hidden_size"])
     assert abs(_params(proj) - projector_params) / projector_params < 0.005
 
 
@@ -37,7 +37,7 @@ def test_vision_tower_matches_released_size() -> None:
 
 
 def test_llm_shapes() -> None:
-    cfg = Qwen2Config(**PRESETS["nvila-8b"][1])
+    cfg = Qwen2Config(**PRESETS["nvila-8b"].llm)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (3584, 28, 4, 151648)
     assert not cfg.tie_word_embeddings
 

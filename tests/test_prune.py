@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHECKPOINTS, MEDIA, fixture_pipeline
 
 import nvila.prune as P
-from conftest import CHECKPOINTS, MEDIA, fixture_pipeline
+from nvila.base.errors import ConfigError
 from nvila.cli.main import main
-from nvila.errors import ConfigError
 from nvila.processing.processor import IGNORE_INDEX
 
 SMALL, LARGE = CHECKPOINTS / "nvila-lite", CHECKPOINTS / "nvila-video"

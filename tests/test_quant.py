@@ -16,23 +16,39 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CHECKPOINTS, MEDIA
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA
+from nvila.base import hardware
+from nvila.base.errors import CheckpointError, ConfigError
 from nvila.cli.main import main
-from nvila.errors import CheckpointError, ConfigError
-from nvila.model.fast import cpu_has_int8_dot, cpu_has_native_bf16
-from nvila.quant import awq, kernels, quantize_model, quantize_pipeline, smoothquant
-from nvila.quant.calibrate import InputStats, awq_clip, awq_scale, clip_weight, gptq, smooth_scale
+from nvila.formats.quant import QuantSpec
+from nvila.model import kernels
+from nvila.model.quantized import (
+    QUANTIZERS,
+    W8A8MLP,
+    W4A16Linear,
+    W8A8Linear,
+    W8A16Linear,
+    dequantize_int4,
+    dequantize_packed_int4,
+    dequantize_rows,
+    fake_quant_int4,
+    fuse_w8a8_mlps,
+    gelu_tanh_,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_rows_int8,
+    unpack_int4,
+)
+from nvila.quant.awq import awq, awq_clip, awq_scale, clip_weight, gptq
+from nvila.quant.calibrate import InputStats, smooth_scale, smoothquant
 from nvila.quant.data import calibration_conversations, calibration_prompts
-from nvila.quant.linear import (QUANTIZERS, W4A16Linear, W8A8Linear, W8A8MLP, W8A16Linear, dequantize_int4,
-                                dequantize_packed_int4, dequantize_rows, fake_quant_int4, gelu_tanh_, pack_int4,
-                                quantize_int4, quantize_int8, quantize_rows_int8, unpack_int4)
-from nvila.quant.config import fuse_w8a8_mlps
-from nvila.quant.model import correct_bias, relative_error
+from nvila.quant.model import correct_bias, quantize_model, quantize_pipeline, relative_error
 
 LITE = CHECKPOINTS / "nvila-lite"
 IMAGE = MEDIA / "china_800x600.png"
@@ -86,15 +102,28 @@ def test_quantized_linear_error_bounds(cls: type, low: float, high: float) -> No
         assert low < relative_error(cls.from_float(lin), lin, x) < high
 
 
+def fake_cpu(monkeypatch: pytest.MonkeyPatch, *flags: str) -> None:
+    """Make every kernel rule see a CPU with exactly these /proc/cpuinfo flags."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+
+
+AVX2 = ("avx2", "fma")
+AVX512_BF16 = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni")
+
+
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
-def test_bf16_rows_use_the_fused_op_only_on_cpus_with_native_bf16(scheme: str) -> None:
+@pytest.mark.parametrize("flags, fused_bf16_rows", [(AVX2, False), (AVX512_BF16, True), (("amx_bf16",), True)])
+def test_bf16_rows_use_the_fused_op_only_on_cpus_with_native_bf16(scheme: str, flags: tuple, fused_bf16_rows: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     m = QUANTIZERS[scheme].from_float(gaussian_linear(256, 96, seed=3), group_size=128)
     x = gaussian(10, 256, seed=7).bfloat16()
     ref = m.reference(x).float()
     torch.testing.assert_close(m.kernel(x).float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
-    assert kernels.use_kernel(scheme, x, 10, 96, 256, 128) == cpu_has_native_bf16()
-    assert not kernels.use_kernel(scheme, x.float(), 10, 96, 256, 128)            # float32 rows: AVX2 rule
-    assert not kernels.use_kernel(scheme, x, 17, 96, 256, 128)
+    fake_cpu(monkeypatch, *flags)
+    assert kernels.use_kernel(scheme, x, 10, 96, 256, 128) is fused_bf16_rows
+    assert kernels.use_kernel(scheme, x, 1, 96, 256, 128)                         # one row: fused everywhere
+    assert not kernels.use_kernel(scheme, x.float(), 10, 96, 256, 128)            # float32 rows: reference
+    assert not kernels.use_kernel(scheme, x, 17, 96, 256, 128)                    # beyond 16 rows: reference
 
 
 def test_w4a16_reference_in_chunks_equals_the_whole_weight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +169,8 @@ def test_chunked_dequantization_is_the_scaled_sum_plus_bias() -> None:
 
 @pytest.mark.parametrize("scheme", sorted(QUANTIZERS))
 @pytest.mark.parametrize("k", [256, 176])           # 176: W4A16's last group is short (176 = 128 + 48)
-def test_fused_kernel_equals_reference(scheme: str, k: int) -> None:
+@pytest.mark.parametrize("flags", [AVX2, AVX512_BF16])
+def test_fused_kernel_equals_reference(scheme: str, k: int, flags: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     m = QUANTIZERS[scheme].from_float(gaussian_linear(k, 96, seed=3), group_size=128)
     for rows in (1, 7):
         x = gaussian(rows, k, seed=rows)
@@ -148,7 +178,8 @@ def test_fused_kernel_equals_reference(scheme: str, k: int) -> None:
         torch.testing.assert_close(m.kernel(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     one, many = gaussian(1, 1, k, seed=4), gaussian(2, 5, k, seed=5)          # forward keeps leading dims
     # several float32 rows: the reference, except W8A8 on CPUs with int8 dot products (VNNI/AMX)
-    fused_many = scheme == "w8a8" and cpu_has_int8_dot()
+    fake_cpu(monkeypatch, *flags)
+    fused_many = scheme == "w8a8" and flags == AVX512_BF16
     assert kernels.use_kernel(scheme, one, 1, 96, k, 128)
     assert kernels.use_kernel(scheme, many, 10, 96, k, 128) == fused_many
     assert torch.equal(m(one), m.kernel(one))
@@ -175,7 +206,7 @@ def test_cuda_kernel_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_w8a8_siblings_share_the_quantization_of_the_same_input(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nvila.quant.linear as qlinear
+    import nvila.model.quantized as qlinear
 
     calls = []
     real = qlinear.quantize_rows_int8
@@ -419,8 +450,8 @@ def test_gptq_calibration_round_trip(tmp_path: Path) -> None:
     pipe = fresh_lite()
     float_logits = pipe.next_token_logits(QUESTION)
     nearest = fresh_lite()
-    quantize_pipeline(nearest, "w8a8", "w4a16", calib=calib(nearest), rounding="nearest")
-    quantize_pipeline(pipe, "w8a8", "w4a16", calib=calib(pipe))                       # gptq: the default
+    quantize_pipeline(nearest, QuantSpec(rounding="nearest"), calib(nearest))
+    quantize_pipeline(pipe, QuantSpec(), calib(pipe))                                   # gptq: the default
     pipe.save(tmp_path / "gptq")
     loaded = nvila.load(tmp_path / "gptq", dtype="float32", device="cpu")
     logits = loaded.next_token_logits(QUESTION)
@@ -454,7 +485,7 @@ def test_bias_correction_removes_the_mean_output_shift() -> None:
 
 def test_bias_correction_round_trip(tmp_path: Path) -> None:
     pipe = fresh_lite()
-    quantize_pipeline(pipe, "w8a8", "w4a16", calib=calib(pipe), bias_correction=True)
+    quantize_pipeline(pipe, QuantSpec(bias_correction=True), calib(pipe))
     pipe.save(tmp_path / "bc")
     loaded = nvila.load(tmp_path / "bc", dtype="float32", device="cpu")
     assert torch.equal(loaded.next_token_logits(QUESTION), pipe.next_token_logits(QUESTION))
@@ -469,7 +500,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[nvila.Pipeline,
     """nvila-lite quantized to W8A8 vision + W4A16 LLM, saved; (pipeline, folder, float state dict)."""
     pipe = fresh_lite()
     float_state = {k: v.clone() for k, v in pipe.model.state_dict().items()}
-    quantize_pipeline(pipe, "w8a8", "w4a16", calib=calib(pipe))
+    quantize_pipeline(pipe, QuantSpec(), calib(pipe))
     out = tmp_path_factory.mktemp("quant") / "lite-w4"
     pipe.save(out)
     return pipe, out, float_state
@@ -597,7 +628,7 @@ def test_w8_end_to_end_agrees_with_float() -> None:
     pipe = fresh_lite()
     ref_logits = pipe.next_token_logits(QUESTION)
     ref_tokens = pipe.generate(QUESTION, max_new_tokens=12).output_token_ids
-    quantize_pipeline(pipe, "w8a8", "w8a16", calib=calib(pipe))
+    quantize_pipeline(pipe, QuantSpec(llm="w8a16"), calib(pipe))
     logits = pipe.next_token_logits(QUESTION)
     assert torch.nn.functional.cosine_similarity(logits, ref_logits, dim=0) > 0.999
     assert pipe.generate(QUESTION, max_new_tokens=12).output_token_ids == ref_tokens
@@ -620,7 +651,7 @@ def test_w4_end_to_end_error_is_that_of_4bit_weights() -> None:
                 mod.weight.copy_(_min_max_4bit(mod.weight, 128))
     x = pipe.embed(pipe.prepare(QUESTION))[None]
     rtn = baseline.llm(inputs_embeds=x, logits_to_keep=1).logits[0, -1]
-    quantize_pipeline(pipe, None, "w4a16", calib=calib(pipe))
+    quantize_pipeline(pipe, QuantSpec(vision=None), calib(pipe))
     got = pipe.next_token_logits(QUESTION)
     rtn_err, err = ((rtn - ref).norm() / ref.norm()).item(), ((got - ref).norm() / ref.norm()).item()
     assert 0.0 < err < 1.25 * rtn_err                                      # measured 0.58 vs 0.53
@@ -659,13 +690,26 @@ def test_calibration_sources(tmp_path: Path) -> None:
         calibration_conversations(tmp_path / "nope")
 
 
-def test_quantize_requires_valid_arguments() -> None:
-    with pytest.raises(ConfigError, match="nothing to quantize"):
-        quantize_model(nn.Module(), None, None, calib=[object()])
-    with pytest.raises(ConfigError, match="LLM scheme 'w3a16'"):
-        quantize_model(nn.Module(), "w8a8", "w3a16", calib=[object()])
-    with pytest.raises(ConfigError, match="unknown rounding 'stochastic'"):
-        quantize_model(nn.Module(), "w8a8", "w4a16", calib=[object()], rounding="stochastic")
+@pytest.mark.parametrize("settings, message", [
+    ({"vision": None, "llm": None}, "nothing to quantize"), ({"llm": "w3a16"}, "LLM scheme 'w3a16'"),
+    ({"vision": "w4a4"}, "vision scheme 'w4a4'"), ({"rounding": "stochastic"}, "unknown rounding 'stochastic'"),
+    ({"group_size": 100}, "group size 100"), ({"alpha": 1.5}, "alpha must be in"), ({"n_grid": 0}, "n_grid"),
+])
+def test_quant_spec_refuses_bad_settings(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        QuantSpec(**settings)
+
+
+def test_quant_spec_clipping_default_follows_the_rounding() -> None:
+    assert QuantSpec().clip is False and QuantSpec(rounding="nearest").clip is True
+    assert QuantSpec(rounding="gptq", clip=True).clip is True
+
+
+def test_quantize_model_refuses_no_calibration_and_quantized_models(quantized) -> None:
+    with pytest.raises(ConfigError, match="none were given"):
+        quantize_model(fresh_lite().model, QuantSpec(), [])
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_model(quantized[0].model, QuantSpec(), [object()])
 
 
 def test_cli_quantize_writes_config_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

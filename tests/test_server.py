@@ -24,7 +24,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import CHECKPOINTS, MEDIA, OUTPUTS, fixture_cases, fixture_pipeline
 
 openai = pytest.importorskip("openai")

@@ -12,7 +12,6 @@ import json
 
 import httpx
 import pytest
-
 from conftest import CHECKPOINTS, MEDIA, png_claiming
 from test_server import ServerProcess, assert_openai_error
 

@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import OUTPUTS, case_messages, fixture_cases, fixture_pipeline
-from nvila.config import NvilaConfig, VideoEncoderConfig
-from nvila.errors import PromptError
+
+from nvila.base.errors import PromptError
+from nvila.formats.config import NvilaConfig, VideoEncoderConfig
 from nvila.processing.tiling import TilePlan, candidate_grids, closest_grid, plan_image, plan_video
 
 CASES = fixture_cases()

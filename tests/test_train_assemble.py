@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHECKPOINTS, MEDIA
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA
-from nvila.errors import CheckpointError, ConfigError
-from nvila.train.assemble import assemble
+from nvila.base.errors import CheckpointError, ConfigError
+from nvila.builders.assemble import assemble
 from nvila.train.recipe import AssembleConfig, recipe_from_dict
 from nvila.train.trainer import Trainer, iter_metrics
 

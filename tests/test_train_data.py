@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import MEDIA, fixture_pipeline
-from nvila.errors import MediaError, NvilaError, PromptError
+
+from nvila.base.errors import MediaError, NvilaError, PromptError
 from nvila.processing.processor import IGNORE_INDEX
 from nvila.train.data import load_dataset
 

@@ -16,16 +16,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CHECKPOINTS, MEDIA, fixture_pipeline
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA, fixture_pipeline
 from nvila.api import Pipeline
-from nvila.checkpoint import save_checkpoint
+from nvila.base.errors import CheckpointError, ConfigError
+from nvila.checkpoint.lora import apply_lora, has_lora, load_adapter, merge_lora, save_adapter
+from nvila.checkpoint.save import save_checkpoint
 from nvila.cli.main import main
-from nvila.errors import CheckpointError, ConfigError
-from nvila.train.lora import LoraSettings, apply_lora, has_lora, load_adapter, merge_lora, save_adapter
+from nvila.formats.lora import LoraSettings
 from nvila.train.params import param_groups, set_trainable
 
 BASE = CHECKPOINTS / "nvila"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CHECKPOINTS
 from torch import nn
 
 import nvila
-from conftest import CHECKPOINTS
-from nvila.errors import ConfigError
+from nvila.base.errors import ConfigError
 from nvila.train.params import param_groups, set_trainable
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nvila.errors import ConfigError
+from nvila.base.errors import ConfigError
 from nvila.train.data import Sample
 from nvila.train.mixture import Mixture
 from nvila.train.recipe import load_recipe, recipe_from_dict

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import CHECKPOINTS, MEDIA
 
 import nvila
-from conftest import CHECKPOINTS, MEDIA
-from nvila.processing.processor import IGNORE_INDEX
-from nvila.train.step import collate, lm_loss
+from nvila.formats.plans import IGNORE_INDEX
+from nvila.train.loss import answer_loss
+from nvila.train.step import collate
 
 
 def _conversations() -> list[list[dict]]:
@@ -26,7 +27,7 @@ def test_loss_matches_per_sequence_log_probs() -> None:
     pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", device="cpu")
     prompts = [pipe.processor(c, training=True) for c in _conversations()]
     batch = collate(pipe.model, prompts)
-    loss, n = lm_loss(pipe.model, batch)
+    loss, n = answer_loss(pipe.model, batch)
     # independent computation: each conversation alone, unpadded, summing -log p of supervised tokens
     total, count = 0.0, 0
     for prompt in prompts:
@@ -47,14 +48,14 @@ def test_loss_matches_per_sequence_log_probs() -> None:
             total -= float(logp[pos - 1, lab])
             count += 1
     assert n == count == sum(sum(1 for t in p.labels if t != IGNORE_INDEX) for p in prompts)
-    assert math.isclose(loss.item(), total / count, rel_tol=1e-5)
+    assert math.isclose(loss.item(), total, rel_tol=1e-5)
 
 
 def test_gradients_reach_projector_and_vision() -> None:
     pipe = nvila.load(CHECKPOINTS / "nvila", dtype="float32", device="cpu")
     model = pipe.model.train()
     prompts = [pipe.processor(_conversations()[0], training=True)]
-    loss, _ = lm_loss(model, collate(model, prompts))
+    loss, _ = answer_loss(model, collate(model, prompts))
     loss.backward()
     assert model.projector.layers[2].weight.grad.abs().sum() > 0
     assert model.vision.model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0

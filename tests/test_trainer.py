@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import CHECKPOINTS
 
 import nvila
-from conftest import CHECKPOINTS
+from nvila.base.errors import ConfigError
 from nvila.cli.main import main as cli_main
-from nvila.errors import ConfigError
 from nvila.train.recipe import load_recipe
 from nvila.train.trainer import Trainer, iter_metrics
 
@@ -192,10 +192,22 @@ def test_bench_train_reports_both_modes(tmp_path: Path, capsys) -> None:
     assert "full / lora: peak memory" in capsys.readouterr().out
 
 
+def _full_logits_loss(model, batch):
+    """The reference: logits at every position from the LLM's own head, then PyTorch's cross-entropy."""
+    from nvila.formats.plans import IGNORE_INDEX
+
+    logits = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits            # (B, L, V)
+    targets = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_loss_on_supervised_positions_equals_the_full_logits_loss(packing: bool) -> None:
-    from nvila.train.step import collate, lm_loss
-    from nvila.train.trainer import LossModule
+    from nvila.train.loss import LossModule
+    from nvila.train.step import collate
 
     pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32")
     convs = [QUESTION + [{"role": "assistant", "content": "A red circle."}],
@@ -203,13 +215,13 @@ def test_loss_on_supervised_positions_equals_the_full_logits_loss(packing: bool)
     prompts = [pipe.processor(c, training=True) for c in convs]
     with torch.no_grad():
         ours, n = LossModule(pipe.model, packing, 4096)(prompts)
-        full, m = lm_loss(pipe.model, collate(pipe.model, prompts), reduction="sum")   # logits at every position
+        full, m = _full_logits_loss(pipe.model, collate(pipe.model, prompts))
     assert n == m > 0
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-4)
 
 
 def test_overlong_samples_are_refused_or_reported(tmp_path: Path) -> None:
-    from nvila.errors import NvilaError
+    from nvila.base.errors import NvilaError
 
     config = write_recipe(tmp_path, max_steps=1)
     with pytest.raises(NvilaError, match=r"sample shape-\d+ of shapes has \d+ tokens after media expansion, above "
@@ -246,7 +258,7 @@ def test_frozen_weights_in_bf16_compute_like_rounded_fp32_weights(tmp_path: Path
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_head_logits_match_a_float32_linear(dtype: torch.dtype, monkeypatch) -> None:
-    from nvila.train.trainer import HeadLogits
+    from nvila.train.loss import HeadLogits
 
     monkeypatch.setattr(HeadLogits, "CHUNK", 7)                     # several chunks and a ragged last one
     g = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import nvila
-from nvila.nano import build, trained_adapter
+from nvila.builders.nano import build, trained_adapter
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -75,7 +75,7 @@ def main() -> None:
     if args.cache and Path(args.cache).is_file():
         feats = torch.load(args.cache)["F"]
     else:
-        from nvila.nano import build
+        from nvila.builders.nano import build
 
         feats = hidden_states(images, Path(args.base) if args.base else build())
         if args.cache:

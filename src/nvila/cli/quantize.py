@@ -11,11 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from nvila.cli.main import command
-from nvila.errors import NvilaError
+from nvila.base.errors import NvilaError
+
+HELP = "quantize a checkpoint for deployment (W8A8 vision tower, W4A16 LLM) and report errors"
 
 
-def _quantize_args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="float checkpoint folder (official layout) or Hugging Face Hub id")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--vision", default="w8a8", help="vision tower scheme: w8a8 (SmoothQuant) | none (default: w8a8)")
@@ -45,29 +46,30 @@ def _scheme(value: str) -> str | None:
     return None if value.lower() == "none" else value.lower()
 
 
-@command("quantize", "quantize a checkpoint for deployment (W8A8 vision tower, W4A16 LLM) and report errors",
-         _quantize_args)
-def quantize_cmd(args: argparse.Namespace) -> int:
-    import nvila
+def run(args: argparse.Namespace) -> int:
+    from nvila import api
+    from nvila.base.files import write_json
+    from nvila.base.provenance import provenance
+    from nvila.formats.quant import QuantSpec
     from nvila.quant.data import calibration_conversations, calibration_prompts
-    from nvila.quant.model import check_schemes, quantize_pipeline
+    from nvila.quant.model import quantize_pipeline
 
-    vision, llm = _scheme(args.vision), _scheme(args.llm)
-    check_schemes(vision, llm, args.group_size)                 # fail before the slow parts
+    spec = QuantSpec(vision=_scheme(args.vision), llm=_scheme(args.llm), group_size=args.group_size, alpha=args.alpha,
+                     bias_correction=args.bias_correction, rounding=args.rounding, sequential=args.sequential,
+                     clip=args.clip)                                  # validated here, before the slow parts
     calibration_conversations(args.calib, args.calib_samples, args.calib_seed)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NvilaError(f"output folder {out} exists and is not empty; choose a new path")
-    pipe = nvila.load(args.model, dtype=args.dtype, device=args.device, fast=False)
+    pipe = api.load(args.model, dtype=args.dtype, device=args.device, fast=False)
     prompts = calibration_prompts(pipe.processor, args.calib, args.calib_samples, args.calib_seed)
-    result = quantize_pipeline(pipe, vision, llm, calib=prompts, group_size=args.group_size, alpha=args.alpha,
-                               bias_correction=args.bias_correction, rounding=args.rounding,
-                               sequential=args.sequential, clip=args.clip)
+    result = quantize_pipeline(pipe, spec, prompts)
     pipe.save(out)
     calibration = {"data": args.calib or "default images", "seed": args.calib_seed, **result.config["calibration"]}
-    report = {"model": args.model, "out": str(out), "vision": vision, "llm": llm, "group_size": args.group_size,
-              "rounding": args.rounding, "sequential": args.sequential, "alpha": args.alpha,
-              "calibration": calibration, "summary": result.summary(), "layers": result.report}
-    (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"model": args.model, "out": str(out), "vision": spec.vision, "llm": spec.llm,
+              "group_size": spec.group_size, "rounding": spec.rounding, "sequential": spec.sequential,
+              "alpha": spec.alpha, "calibration": calibration, "summary": result.summary(), "layers": result.report,
+              "provenance": provenance(model=args.model)}
+    write_json(out / "quant_report.json", report)
     print(json.dumps(report, indent=2))
     return 0

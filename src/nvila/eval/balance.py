@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from nvila.errors import NvilaError
+from nvila.base.errors import NvilaError
 from nvila.eval.datasets import ONE_WORD, EvalItem
 
 COLOUR, SHAPE = "{colour}", "{shape}"

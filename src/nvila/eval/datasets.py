@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nvila.errors import NvilaError
+from nvila.base.errors import NvilaError
 
 ONE_WORD = "Answer with one word."
 

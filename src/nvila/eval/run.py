@@ -7,8 +7,8 @@ import time
 from collections import defaultdict
 from typing import Any, Sequence
 
+from nvila.base.progress import ProgressBar
 from nvila.eval.datasets import EvalItem
-from nvila.progress import RateBar
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCT = re.compile(r"[^\w\s]")
@@ -37,13 +37,13 @@ def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new
     chunks = [group[b : b + batch_size] for group in by_image.values() for b in range(0, len(group), batch_size)]
     predictions: dict[int, str] = {}
     start = time.perf_counter()
-    with RateBar("eval", "items", len(items), enabled=progress) as bar:
+    with ProgressBar("eval", len(items), "items", enabled=progress) as bar:
         for chunk in chunks:
             convs = [[{"role": "user", "content": [{"type": "image", "image": items[i].image},
                                                    {"type": "text", "text": items[i].question}]}] for i in chunk]
             for i, g in zip(chunk, pipe.generate_batch(convs, max_new_tokens=max_new_tokens)):
                 predictions[i] = g.text
-            bar(len(chunk))
+            bar.advance(len(chunk))
     seconds = time.perf_counter() - start
     correct = [is_correct(predictions[i], items[i].answers) for i in range(len(items))]
     by_answer: dict[str, list[bool]] = defaultdict(list)

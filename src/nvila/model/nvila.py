@@ -12,14 +12,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nvila.config import NvilaConfig
-from nvila.errors import PromptError
+from nvila.base.errors import PromptError
+from nvila.formats.config import NvilaConfig
+from nvila.formats.plans import MediaItem, TilePlan
 from nvila.model.projector import Projector
 from nvila.model.s2 import merge_scales, raster_tokens
 from nvila.model.temporal import tsp_pool
 from nvila.model.vision import VisionTower
-from nvila.processing.processor import MediaItem
-from nvila.processing.tiling import TilePlan
 
 
 class NvilaModel(nn.Module):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvila.config import PROJECTOR_DOWNSAMPLE, downsample_factor
+from nvila.formats.config import PROJECTOR_DOWNSAMPLE, downsample_factor
 
 
 class SpaceToChannel(nn.Module):
@@ -59,7 +59,7 @@ def _mlp_downsample_3x3(c: int, d: int) -> list[nn.Module]:
     ]
 
 
-# name -> builder(in_channels, llm_hidden) -> layers; STC factors live in nvila.config.PROJECTOR_DOWNSAMPLE
+# name -> builder(in_channels, llm_hidden) -> layers; STC factors live in nvila.formats.config.PROJECTOR_DOWNSAMPLE
 PROJECTORS: dict[str, Callable[[int, int], list[nn.Module]]] = {
     "mlp_downsample": _mlp_downsample_2x2,
     "mlp_downsample_2x2_fix": _mlp_downsample_2x2,

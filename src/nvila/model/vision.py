@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nvila.errors import ConfigError
+from nvila.base.errors import ConfigError
 
 
 class VisionTower(nn.Module):

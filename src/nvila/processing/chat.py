@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from nvila.errors import PromptError
+from nvila.base.errors import PromptError
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<vila/video>"

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nvila.config import NvilaConfig
-from nvila.processing.tiling import TilePlan
+from nvila.formats.config import NvilaConfig
+from nvila.formats.plans import TilePlan
 
 
 def tile_images(image: Image.Image, plan: TilePlan) -> list[Image.Image]:

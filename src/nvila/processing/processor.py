@@ -1,6 +1,6 @@
 """Conversation -> :class:`Prompt`: token ids with placeholders + the media pixels and their plans.
 
-Data flow: messages -> media files read (nvila.media) -> TilePlan per image / VideoPlan per video ->
+Data flow: messages -> media files read (nvila.processing.media) -> TilePlan per image / VideoPlan per video ->
 pixel tiles -> prompt text with placeholders expanded from the plans -> token ids. This module never
 imports the model; the model consumes a Prompt and checks its counts against the plans.
 """
@@ -8,14 +8,12 @@ imports the model; the model consumes a Prompt and checks its counts against the
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
-import torch
-
-from nvila import media as media_io
-from nvila.config import NvilaConfig
-from nvila.errors import PromptError
+from nvila.base.errors import PromptError
+from nvila.formats.config import NvilaConfig
+from nvila.formats.plans import IGNORE_INDEX, MediaItem, Prompt
+from nvila.processing import media as media_io
 from nvila.processing.chat import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -24,47 +22,7 @@ from nvila.processing.chat import (
     normalize_messages,
 )
 from nvila.processing.image import image_pixels, normalize
-from nvila.processing.tiling import TilePlan, VideoPlan, plan_image, plan_video
-
-IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, media placeholders, padding)
-
-
-@dataclass
-class MediaItem:
-    """One image or video of a prompt: its pixels and the plan that says what they become."""
-
-    kind: Literal["image", "video"]
-    pixels: torch.Tensor            # (N, 3, S, S): image tiles in plan order, or video frames
-    plan: TilePlan | VideoPlan
-    key: str | None = None          # content key for caching encoded media across turns
-
-    @property
-    def placeholders(self) -> int:
-        return self.plan.placeholders if isinstance(self.plan, TilePlan) else 1
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.plan.num_embeddings
-
-
-@dataclass
-class Prompt:
-    """Token ids (one placeholder id per placeholder) and the media that fill them, in order."""
-
-    input_ids: list[int]
-    media: list[MediaItem]
-    text: str
-    labels: list[int] | None = None   # training: token id on assistant answers, IGNORE_INDEX elsewhere
-    branch: list[int] | None = None   # training, independent turns: -1 shared prefix, k = turn k (nvila.train.branches)
-
-    @property
-    def num_media_embeddings(self) -> int:
-        return sum(m.num_embeddings for m in self.media)
-
-    @property
-    def fused_length(self) -> int:
-        """Length of the sequence the LLM sees after placeholders are replaced by embeddings."""
-        return len(self.input_ids) - sum(m.placeholders for m in self.media) + self.num_media_embeddings
+from nvila.processing.tiling import plan_image, plan_video
 
 
 class Processor:

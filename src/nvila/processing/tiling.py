@@ -14,42 +14,9 @@ Modes (NVILA spec §2):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
-from nvila.config import NvilaConfig
-from nvila.errors import PromptError
-
-PlanKind = Literal["single", "dynamic", "dynamic_s2"]
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One ViT input: resize the whole image to ``resize`` (W, H), then crop ``box`` (l, t, r, b)."""
-
-    resize: tuple[int, int]
-    box: tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """How one image becomes ViT tiles and LLM embeddings.
-
-    ``placeholders`` is the number of media placeholders the prompt gets for this image and
-    ``embeds_per_placeholder`` what each one expands to (visual tokens + the trailing newline embedding).
-    """
-
-    kind: PlanKind
-    tiles: tuple[Tile, ...]
-    grid: tuple[int, int] | None          # chosen (cols, rows) of the adaptive grid
-    block: tuple[int, int] | None         # dynamic_s2: (rows, cols) of the last scale
-    repeat_channels: int                  # single tile in an S2 model: features repeated per scale
-    placeholders: int
-    embeds_per_placeholder: int
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.placeholders * self.embeds_per_placeholder
+from nvila.base.errors import PromptError
+from nvila.formats.config import NvilaConfig
+from nvila.formats.plans import Tile, TilePlan, VideoPlan
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -112,15 +79,6 @@ def plan_image(width: int, height: int, cfg: NvilaConfig, *, single_image: bool)
         return TilePlan("dynamic", tuple(tiles), (cols, rows), None, 1, len(tiles), per_tile + 1)
     repeat = len(cfg.s2_scales) if cfg.image_mode == "dynamic_s2" else 1
     return TilePlan("single", (Tile((tile, tile), (0, 0, tile, tile)),), None, None, repeat, 1, per_tile + 1)
-
-
-@dataclass(frozen=True)
-class VideoPlan:
-    """How a clip of ``num_frames`` squashed frames becomes one placeholder's embeddings."""
-
-    num_frames: int
-    frame_plan: TilePlan
-    num_embeddings: int
 
 
 def plan_video(num_frames: int, cfg: NvilaConfig) -> VideoPlan:

@@ -17,8 +17,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from nvila.errors import ConfigError
-from nvila.media import IMAGE_EXTENSIONS
+from nvila.base.errors import ConfigError
+from nvila.processing.media import IMAGE_EXTENSIONS
 
 IMAGE_PROMPT = "Describe this image in detail."
 DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "recipes" / "examples" / "data" / "images"

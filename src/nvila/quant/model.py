@@ -8,27 +8,25 @@ The LLM is calibrated on embeddings produced by the already quantized vision tow
 The projector, the embeddings, the LM head and all norms stay float. Each swapped linear is compared with
 the float linear it replaces on the calibration inputs it received (relative output error, the
 ``report``); :func:`quantize_pipeline` also updates the checkpoint records so that ``Pipeline.save``
-writes a quantized checkpoint folder (see :mod:`nvila.quant.config`).
+writes a quantized checkpoint folder (see :mod:`nvila.checkpoint.quant`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from nvila.errors import ConfigError
-from nvila.quant.calibrate import ROUNDINGS, LinearCalib, awq, llm_groups, plain, resolve_clip, smoothquant
-from nvila.quant.config import (FORMAT_VERSION, QUANT_CONFIG, fuse_w8a8_mlps, is_quantized, module_entry,
-                                official_name, replace_module)
-from nvila.quant.linear import QUANTIZERS, QuantLinear, check_group_size
-
-VISION_SCHEMES = ("w8a8",)
-LLM_SCHEMES = ("w4a16", "w8a16")
-METHODS = {"w8a8": "smoothquant", "w4a16": "awq", "w8a16": "round-to-nearest"}
+from nvila.base.errors import ConfigError
+from nvila.base.files import json_bytes
+from nvila.checkpoint.quant import module_entry
+from nvila.formats.layout import QUANT_CONFIG, official_name
+from nvila.formats.quant import QuantSpec
+from nvila.model.quantized import QUANTIZERS, QuantLinear, fuse_w8a8_mlps, is_quantized, replace_module
+from nvila.quant.awq import awq, llm_groups
+from nvila.quant.calibrate import LinearCalib, plain, smoothquant
 
 
 @dataclass
@@ -55,84 +53,39 @@ class QuantResult:
         return out
 
 
-def check_schemes(vision: str | None, llm: str | None, group_size: int) -> None:
-    """Raise ConfigError for an unknown scheme or group size (before any slow work)."""
-    if vision is not None and vision not in VISION_SCHEMES:
-        raise ConfigError(f"vision scheme {vision!r} is not supported; choose from {list(VISION_SCHEMES)} or none")
-    if llm is not None and llm not in LLM_SCHEMES:
-        raise ConfigError(f"LLM scheme {llm!r} is not supported; choose from {list(LLM_SCHEMES)} or none")
-    if vision is None and llm is None:
-        raise ConfigError("nothing to quantize: both the vision scheme and the LLM scheme are none")
-    if llm == "w4a16":
-        check_group_size(group_size)
+def quantize_model(model: nn.Module, spec: QuantSpec, calib: Sequence[Any]) -> QuantResult:
+    """Quantize an :class:`~nvila.model.nvila.NvilaModel` in place as ``spec`` says.
 
-
-def quantize_model(model: nn.Module, vision: str | None = "w8a8", llm: str | None = "w4a16",
-                   calib: Sequence[Any] = (), group_size: int = 128, alpha: float = 0.3,
-                   n_grid: int = 20, rows_per_call: int = 64, bias_correction: bool = False,
-                   rounding: str = "gptq", sequential: bool = True, clip: bool | None = None) -> QuantResult:
-    """Quantize an :class:`~nvila.model.nvila.NvilaModel` in place.
-
-    ``calib``: processed prompts (:class:`~nvila.processing.processor.Prompt`, e.g. from
+    ``calib``: processed prompts (:class:`~nvila.formats.plans.Prompt`, e.g. from
     :func:`nvila.quant.data.calibration_prompts`); their media tiles calibrate the vision tower and their
-    fused embeddings the LLM. ``alpha``: SmoothQuant migration strength; ``n_grid``: AWQ grid points;
-    ``rows_per_call``: calibration rows kept per forward call and linear input (searches and report).
-    ``bias_correction``: add the mean output error of every weight-only LLM layer over its calibration
-    inputs to its bias, E[x](W - W_q)^T (layers without a bias get one), so 4-bit rounding does not shift
-    the layer's average output. ``rounding`` (W4A16): ``"nearest"`` or ``"gptq"`` (error-compensating
-    rounding, :func:`nvila.quant.calibrate.gptq`); ``sequential``: calibrate each decoder layer on the
-    outputs of the already quantized layers before it; ``clip``: AWQ's clipping search (None: only with
-    nearest rounding; see :func:`nvila.quant.calibrate.awq`).
+    fused embeddings the LLM. With ``spec.bias_correction`` every weight-only LLM layer's bias takes its mean
+    output error over the calibration inputs, E[x](W - W_q)^T (layers without a bias get one), so 4-bit
+    rounding does not shift the layer's average output.
     """
-    check_schemes(vision, llm, group_size)
-    clip = resolve_clip(clip, rounding)
-    if rounding not in ROUNDINGS:
-        raise ConfigError(f"unknown rounding {rounding!r}; choose from {list(ROUNDINGS)}")
     if is_quantized(model):
         raise ConfigError("the model is already quantized; quantize the float checkpoint instead")
     if not calib:
         raise ConfigError("quantization needs calibration prompts (none were given)")
     result = QuantResult()
     tiles = [m.pixels for p in calib for m in p.media]
-    if vision is not None:
+    if spec.vision is not None:
         if not tiles:
             raise ConfigError("quantizing the vision tower needs calibration prompts with images or videos")
-        calibs = smoothquant(model.vision, tiles, alpha, model.vision_batch_size, rows_per_call)
-        _swap_part(model.vision.model, "vision_tower", calibs, vision, group_size, result)
+        calibs = smoothquant(model.vision, tiles, spec.alpha, model.vision_batch_size, spec.rows_per_call)
+        _swap_part(model.vision.model, "vision_tower", calibs, spec.vision, spec.group_size, result)
         fuse_w8a8_mlps(model.vision.model)
-    if llm is not None:
+    if spec.llm is not None:
         with torch.no_grad():
             embeds = [model.embed_prompt(p.input_ids, p.media) for p in calib]            # (L_fused, D) each
-        if llm == "w4a16":
-            calibs = awq(model.llm, embeds, 4, group_size, n_grid, rows_per_call, clip=clip, rounding=rounding,
-                         sequential=sequential)
+        if spec.llm == "w4a16":
+            calibs = awq(model.llm, embeds, 4, spec.group_size, spec.n_grid, spec.rows_per_call, clip=spec.clip,
+                         rounding=spec.rounding, sequential=spec.sequential)
         else:
             calibs = plain(model.llm, llm_groups(model.llm), lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1)
-                                                                      for e in embeds], rows_per_call)
-        _swap_part(model.llm, "llm", calibs, llm, group_size, result, bias_correction)
-    result.config = _config(vision, llm, group_size, alpha, bias_correction, len(calib),
-                            sum(t.shape[0] for t in tiles), result, rounding, sequential, clip)
+                                                                      for e in embeds], spec.rows_per_call)
+        _swap_part(model.llm, "llm", calibs, spec.llm, spec.group_size, result, spec.bias_correction)
+    result.config = spec.to_config(len(calib), sum(t.shape[0] for t in tiles), result.modules)
     return result
-
-
-def _config(vision: str | None, llm: str | None, group_size: int, alpha: float, bias_correction: bool,
-            prompts: int, tiles: int, result: QuantResult, rounding: str = "gptq",
-            sequential: bool = True, clip: bool = False) -> dict[str, Any]:
-    llm_entry = None
-    if llm is not None:
-        llm_entry = {"scheme": llm, "method": METHODS[llm], "bias_correction": bias_correction}
-        if llm == "w4a16":
-            llm_entry.update(w_bit=4, group_size=group_size, zero_point=True, rounding=rounding, sequential=sequential,
-                             clip=clip)
-    return {
-        "format_version": FORMAT_VERSION,
-        "vision": {"scheme": vision, "method": METHODS[vision], "alpha": alpha,
-                   "activations": "int8 per token, dynamic"} if vision else None,
-        "llm": llm_entry,
-        "group_size": group_size,
-        "calibration": {"prompts": prompts, "tiles": tiles},
-        "modules": result.modules,
-    }
 
 
 def _swap_part(root: nn.Module, part: str, calibs: dict[str, LinearCalib], scheme: str, group_size: int,
@@ -180,14 +133,13 @@ def relative_error(quantized: nn.Module, linear: nn.Module, x: torch.Tensor,
     return ((quantized(x).float() - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
-def quantize_pipeline(pipe: Any, vision: str | None = "w8a8", llm: str | None = "w4a16", calib: Sequence[Any] = (),
-                      **options: Any) -> QuantResult:
+def quantize_pipeline(pipe: Any, spec: QuantSpec, calib: Sequence[Any]) -> QuantResult:
     """:func:`quantize_model` on a Pipeline's model, then prepare its checkpoint records for ``pipe.save``.
 
     Tensors the quantizer wrote (quantized layers, norms and linears that absorbed a scale) are saved
     as computed instead of being cast back to the dtype the float checkpoint stored them in.
     """
-    result = quantize_model(pipe.model, vision, llm, calib, **options)
+    result = quantize_model(pipe.model, spec, calib)
     records = pipe.checkpoint.records
     written: dict[str, set[str]] = {}
     for r in result.report:
@@ -198,6 +150,6 @@ def quantize_pipeline(pipe: Any, vision: str | None = "w8a8", llm: str | None = 
         dtypes = records[part].dtypes
         for key in [k for k in dtypes if k.rpartition(".")[0] in names]:
             del dtypes[key]
-    records[""].files[QUANT_CONFIG] = (json.dumps(result.config, indent=2) + "\n").encode()
+    records[""].files[QUANT_CONFIG] = json_bytes(result.config)
     pipe.media_cache.clear()     # encodings made by the float vision tower
     return result

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nvila.errors import NvilaError
+from nvila.base.errors import NvilaError
 from nvila.generate import SamplingParams
 from nvila.serve.engine import Engine, Job, QueueFull
 from nvila.serve.media_urls import MediaPolicy, to_nvila_messages
@@ -110,7 +110,40 @@ def create_app(pipe: Any, settings: ServerSettings, max_queue: int = 64, max_bat
 
     app = FastAPI(title="nvila", version="1", lifespan=lifespan)
     app.state.engine = engine
+    _install_handlers(app, settings)
 
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_id}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
+                                            "owned_by": "nvila"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        if req.model != settings.model_id:
+            return error_response(404, f"model {req.model!r} not found; this server serves {settings.model_id!r}",
+                                  param="model", code="model_not_found")
+        try:
+            job = await _prepare(pipe, engine, settings, req)
+        except QueueFull as e:
+            return error_response(429, str(e), type_="rate_limit_error", code="queue_full")
+        except NvilaError as e:
+            return error_response(400, str(e), code=type(e).__name__)
+        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(job, rid, created, settings.model_id, include_usage),
+                                     media_type="text/event-stream")
+        return await _complete(job, rid, created, settings.model_id)
+
+    return BodyLimit(app, settings.max_body_bytes)
+
+
+def _install_handlers(app: Any, settings: ServerSettings) -> None:
+    """Every error as OpenAI's error JSON (validation, routing, bugs), and the API-key check."""
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -143,35 +176,6 @@ def create_app(pipe: Any, settings: ServerSettings, max_queue: int = 64, max_bat
                 return error_response(401, "invalid or missing API key", type_="authentication_error",
                                       code="invalid_api_key")
         return await call_next(request)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_id}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
-                                            "owned_by": "nvila"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
-        if req.model != settings.model_id:
-            return error_response(404, f"model {req.model!r} not found; this server serves {settings.model_id!r}",
-                                  param="model", code="model_not_found")
-        try:
-            job = await _prepare(pipe, engine, settings, req)
-        except QueueFull as e:
-            return error_response(429, str(e), type_="rate_limit_error", code="queue_full")
-        except NvilaError as e:
-            return error_response(400, str(e), code=type(e).__name__)
-        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(job, rid, created, settings.model_id, include_usage),
-                                     media_type="text/event-stream")
-        return await _complete(job, rid, created, settings.model_id)
-
-    return BodyLimit(app, settings.max_body_bytes)
 
 
 async def _prepare(pipe: Any, engine: Engine, settings: ServerSettings, req: ChatRequest) -> Job:

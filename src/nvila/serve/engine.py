@@ -16,9 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvila.errors import NvilaError
-from nvila.generate import SamplingParams, Trim, decode_text
-from nvila.processing.processor import Prompt
+from nvila.base.errors import NvilaError
+from nvila.formats.plans import Prompt
+from nvila.generate import SamplingParams, Trim
 
 
 class QueueFull(NvilaError):
@@ -105,8 +105,7 @@ class Engine:
         pipe = self.pipe
         embeds = [pipe.embed(job.prompt) for job in batch]
         trims = [Trim() for _ in batch]
-        steps = decode_text(pipe.model.llm, pipe.tokenizer, embeds, [j.params for j in batch],
-                            pipe.checkpoint.stop_token_ids, pipe.config.model_max_length)
+        steps = pipe.decode(embeds, [j.params for j in batch])
         live = [True] * len(batch)
         for step in steps:
             for b, job in enumerate(batch):

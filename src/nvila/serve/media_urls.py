@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from nvila.errors import MediaError, PromptError
+from nvila.base.errors import MediaError, PromptError
 
 
 @dataclass(frozen=True)

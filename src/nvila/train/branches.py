@@ -16,7 +16,7 @@ once, followed by every turn's remaining tokens::
     branch      [ -1 -1 ... -1    | 0 0 ... 0       | 1 1 ... 1       | ... ]
 
 In training, token q attends to token k when k <= q and k is in the prefix or in q's own branch (the
-``shared`` segment of :func:`nvila.train.packing.block_causal_mask`), and
+``shared`` segment of :func:`nvila.train.fused.block_causal_mask`), and
 each branch's positions continue from the end of the prefix, so every branch sees exactly its
 single-turn prompt (tested: the loss equals the single-turn prompts' summed loss).
 """
@@ -28,8 +28,9 @@ from typing import Any, Sequence
 
 import torch
 
-from nvila.errors import PromptError
-from nvila.processing.processor import IGNORE_INDEX, Prompt
+from nvila.base.errors import PromptError
+from nvila.formats.plans import IGNORE_INDEX, Prompt
+from nvila.train.fused import per_fused_position
 
 MEDIA_TYPES = ("image", "video")
 PREFIX = -1                  # branch id of the shared prefix
@@ -94,8 +95,6 @@ def branched_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> Promp
 
 def fused_branches(prompt: Prompt, blocks: Sequence[torch.Tensor], media_ids: set[int]) -> list[int]:
     """The branch id of every fused position (media expanded; all media lie in the prefix)."""
-    from nvila.train.step import per_fused_position
-
     assert prompt.branch is not None
     return per_fused_position(prompt.input_ids, prompt.branch, blocks, media_ids)
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvila.errors import NvilaError, PromptError
+from nvila.base.errors import NvilaError, PromptError
+from nvila.formats.plans import Prompt
+from nvila.train.branches import branched_prompt
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MARKER = re.compile(r"<image>|<video>")
@@ -127,3 +129,14 @@ def openai_messages(rec: dict[str, Any], root: Path) -> list[dict[str, Any]]:
             ]
         out.append({**msg, "content": content})
     return out
+
+
+def training_prompt(processor: Any, sample: Sample, independent_turns: bool = False) -> Prompt:
+    """The labelled prompt of a training sample: one conversation, or its questions as independent turns
+    sharing the media prefix (:mod:`nvila.train.branches`). Errors name the sample and its dataset."""
+    try:
+        if independent_turns:
+            return branched_prompt(processor, sample.messages)
+        return processor(sample.messages, training=True)
+    except NvilaError as e:
+        raise type(e)(f"sample {sample.id} of dataset {sample.dataset}: {e}") from None

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nvila.errors import NvilaError
+from nvila.base.errors import NvilaError
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[3] / "recipes" / "examples" / "data"
 MODES: dict[str, dict[str, Any]] = {

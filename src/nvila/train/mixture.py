@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nvila.errors import ConfigError
+from nvila.base.errors import ConfigError
 from nvila.train.data import Sample
 
 

@@ -2,21 +2,10 @@
 
 As in the NVILA reference, packed samples are concatenated along the sequence axis and the first label of
 every sample is IGNORE_INDEX, so no token is trained to predict across a sample boundary. On top of that
-each sample must see only itself; two things do that here:
-
-- ``position_ids`` restart at 0 for every sample (RoPE then sees each sample exactly as when alone);
-- ``attention_mask`` is an explicit 4D block-diagonal causal mask (B, 1, L, L), additive float
-  (0 = attend, dtype min = masked).
-
-Why an explicit mask rather than transformers' own packing detection: transformers (5.x,
-``masking_utils._preprocess_mask_arguments``) infers packing from restarting ``position_ids`` only when
-the attention mask is None *and* there is no cache, and ``Qwen2Model.forward`` creates a DynamicCache
-whenever ``use_cache`` is on, which is the config default. A plain ``llm(inputs_embeds=, position_ids=)``
-call therefore attends across samples without any warning. A 4D mask is returned as-is by
-``create_causal_mask`` for every cache setting, and both the ``sdpa`` and ``eager`` attention
-implementations accept an additive float mask, so ``nvila.train.step.lm_loss`` works on a packed batch
-unchanged. Padding at the end of a row is its own segment (attending causally to itself), so no query row
-of the mask is fully masked and no NaN can appear.
+each sample sees only itself: ``position_ids`` restart at 0 for every sample (RoPE then sees each sample
+exactly as when alone), and the attention mask is an explicit 4D block-diagonal causal mask
+(:func:`nvila.train.fused.block_causal_mask`, which says why it must be explicit). Padding at the end of a
+row is its own segment (attending causally to itself), so no query row of the mask is fully masked.
 """
 
 from __future__ import annotations
@@ -25,13 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from nvila.errors import ConfigError, PromptError
-from nvila.processing.processor import IGNORE_INDEX, Prompt
-from nvila.train.step import fused_labels
-
-# attention implementations that take an additive (B, 1, L, L) float mask as the attention mask;
-# flash-attention kernels take no dense mask (they pack through position_ids / cu_seqlens instead)
-MASKED_ATTENTION = ("sdpa", "eager")
+from nvila.base.errors import ConfigError, PromptError
+from nvila.formats.plans import IGNORE_INDEX, Prompt
+from nvila.train.fused import block_causal_mask, check_attention, fused_labels
 
 
 def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -69,12 +54,12 @@ def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
 def collate_packed(model: Any, prompts: Sequence[Prompt], packs: list[list[int]]) -> dict[str, torch.Tensor]:
     """Embed ``prompts`` and lay them out one row per pack, right-padded to the longest row.
 
-    Returns the keys of ``nvila.train.step.collate`` so ``lm_loss`` takes the result as is:
+    Returns the keys of ``nvila.train.step.collate``, so the loss takes the result as is:
     inputs_embeds (B, L, D), attention_mask (B, 1, L, L) additive float block-diagonal causal mask in the
     embeddings' dtype, position_ids (B, L) restarting at 0 for every sample (and for the padding), and
     labels (B, L) with IGNORE_INDEX at the first position of every sample and on padding. B = len(packs).
     """
-    _check_attention(model)
+    check_attention(model)
     _check_packs(packs, len(prompts))
     media_ids = set(model.media_token_ids.values())
     rows = []                                              # per row: [(embeds (n, D), labels), ...]
@@ -106,37 +91,6 @@ def collate_packed(model: Any, prompts: Sequence[Prompt], packs: list[list[int]]
         segments[b, start:] = len(row)
     return {"inputs_embeds": x, "attention_mask": block_causal_mask(segments, x.dtype),
             "position_ids": positions, "labels": lab}
-
-
-def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype, shared: int | None = None) -> torch.Tensor:
-    """(B, L) segment ids -> (B, 1, L, L) additive mask: 0 where query q may see key k, dtype min elsewhere.
-
-    q sees k when k <= q and both are in the same segment, or k is in the ``shared`` segment (the prefix
-    that independent turns share, :mod:`nvila.train.branches`).
-    """
-    L = segments.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()     # (L, L)
-    allowed = segments[:, :, None] == segments[:, None, :]                          # (B, L, L)
-    if shared is not None:
-        allowed |= (segments == shared)[:, None, :]
-    allowed &= causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def _check_attention(model: Any) -> None:
-    """The dense 4D mask is honoured only by some attention implementations and only without sliding windows."""
-    cfg = model.llm.config
-    impl = cfg._attn_implementation
-    if impl not in MASKED_ATTENTION:
-        raise ConfigError(
-            f"packed batches and independent turns need an attention implementation that takes a 4D mask ({', '.join(MASKED_ATTENTION)}); "
-            f"the LLM uses {impl!r}. Load it with attn_implementation='sdpa', or train without packing / independent turns"
-        )
-    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
-        # one 4D mask is handed to every layer, so sliding-window layers would silently attend too far
-        raise ConfigError("packed batches do not support LLMs with sliding-window attention layers; "
-                          "train this model without packing")
 
 
 def _check_packs(packs: list[list[int]], n_prompts: int) -> None:

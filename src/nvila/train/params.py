@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from nvila.errors import ConfigError
+from nvila.base.errors import ConfigError
 
 Mode = Literal["full", "frozen", "layernorm"]
 PARTS = ("vision", "projector", "llm")

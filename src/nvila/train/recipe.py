@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from nvila.errors import ConfigError
-from nvila.train.lora import LoraSettings
+from nvila.base.errors import ConfigError
+from nvila.builders.assemble import AssembleConfig
+from nvila.formats.config import IMAGE_MODES
+from nvila.formats.lora import LoraSettings
 
 Precision = Literal["auto", "bf16", "fp32"]
-IMAGE_MODES = ("dynamic_s2", "dynamic", "resize")
 SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 HUB_KEYS = {("model",), ("assemble", "llm"), ("assemble", "vision")}   # a folder or a Hub id
 PATH_KEYS = HUB_KEYS | {("output_dir",), ("train", "init_adapter"), ("data", "datasets", "*", "path"), ("data", "datasets", "*", "media_root")}
@@ -58,17 +59,6 @@ class DataConfig:
     image_mode: str | None = None          # tiling override: dynamic_s2 | dynamic | resize
     max_tiles: int | None = None
     num_video_frames: int | None = None
-
-
-@dataclass(frozen=True)
-class AssembleConfig:
-    """Build the starting checkpoint from a pretrained LLM and vision tower (the align stage)."""
-
-    llm: str
-    vision: str
-    projector: str = "mlp_downsample_3x3_fix"
-    image_mode: str = "dynamic"
-    chat_template: str | None = None
 
 
 @dataclass(frozen=True)

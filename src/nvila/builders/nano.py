@@ -7,7 +7,9 @@
 
 ``build()`` converts the packaged files once into the official layout under the user cache folder
 (``$XDG_CACHE_HOME/nvila/nano-base``). The trained weights (projector, LoRA adapters, ViT LayerNorms) ship
-with nvila as an adapter folder; :func:`default_model` returns (base, adapter) for ``nvila.load``.
+with nvila as an adapter folder. ``nvila.load("nvila:nano")`` is base + shipped adapter,
+``"nvila:nano-base"`` the base alone (the ``nvila.models`` entry points :func:`default_model` and
+:func:`base_model`).
 The asset packages are located with importlib metadata and never imported (importing them pulls in
 dependencies nvila does not need).
 """
@@ -26,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from nvila.errors import CheckpointError
+from nvila.api import load
+from nvila.base.errors import CheckpointError
+from nvila.base.files import atomic_dir, write_json
+from nvila.checkpoint.save import tokenizer_files, write_checkpoint
+from nvila.formats.config import NvilaConfig
+from nvila.formats.layout import ADAPTER_CONFIG, ADAPTER_META
+from nvila.model.projector import Projector
 
 # package -> (pinned version, file inside the package)
 ASSETS = {
@@ -158,11 +166,6 @@ def smollm2_from_gguf(path: Path) -> tuple[Any, Any]:
 
 def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
     """Write the untrained NVILA-Nano base (official layout) once; returns its folder."""
-    from nvila.checkpoint import atomic_dir, commit_dir
-    from nvila.model.projector import Projector
-    from nvila.presets import official_config, write_part
-    from nvila.train.assemble import tokenizer_files
-
     out = Path(out) if out is not None else cache_root() / "nano-base"
     stamp = out / "nvila_nano.json"
     if out.is_dir() and stamp.is_file() and not force:
@@ -173,30 +176,18 @@ def build(out: str | Path | None = None, seed: int = 0, force: bool = False) -> 
     vision = at_resolution(dinov2_from_onnx(onnx_file), TILE)
     llm_cfg, vis_cfg = llm.config.to_dict(), vision.config.to_dict()
     vis_cfg["architectures"] = ["Dinov2Model"]
-    top = {"image_aspect_ratio": "dynamic", "dynamic_s2": False, "mm_hidden_size": vision.config.hidden_size,
-           "num_video_frames": 8, "max_tiles": 12}
-    config = official_config(top, llm_cfg, vis_cfg, PROJECTOR)
-    config["mm_vision_select_feature"] = "patch"   # DINOv2 puts a CLS token first: keep the 1024 patch tokens
-    config["mm_vision_select_layer"] = SELECT_LAYER
+    # DINOv2 puts a CLS token first: keep the 1024 patch tokens ("patch")
+    cfg = NvilaConfig.for_parts(llm_cfg, vis_cfg, PROJECTOR, "dynamic", select_feature="patch",
+                                select_layer=SELECT_LAYER)
     torch.manual_seed(seed)
     projector = Projector(PROJECTOR, vision.config.hidden_size, llm.config.hidden_size)
     pre = {"image_processor_type": "BitImageProcessor", "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
            "rescale_factor": 1 / 255, "size": {"height": TILE, "width": TILE}, "resample": 3}
-    if out.exists():
-        shutil.rmtree(out)                          # forced, or an older build version
-    tmp = atomic_dir(out)
-    try:
-        write_part(llm.to(torch.bfloat16), "llm", tmp, {"config.json": llm_cfg, **tokenizer_files(tokenizer)})
-        write_part(vision, "vision_tower", tmp, {"config.json": vis_cfg, "preprocessor_config.json": pre})
-        write_part(projector, "mm_projector", tmp, {"config.json": config["mm_projector_cfg"]})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "nvila_nano.json").write_text(json.dumps({
-            "build_version": BUILD_VERSION, "assets": {k: v[0] for k, v in ASSETS.items()}, "seed": seed}) + "\n")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    parts = {"llm": (llm.to(torch.bfloat16), {"config.json": llm_cfg, **tokenizer_files(tokenizer)}),
+             "vision_tower": (vision, {"config.json": vis_cfg, "preprocessor_config.json": pre}),
+             "mm_projector": (projector, {"config.json": cfg.raw["mm_projector_cfg"]})}
+    stamp_data = {"build_version": BUILD_VERSION, "assets": {k: v[0] for k, v in ASSETS.items()}, "seed": seed}
+    return write_checkpoint(out, cfg, parts, {"nvila_nano.json": stamp_data}, replace=True)
 
 
 def shipped_adapter_dir() -> Path:
@@ -229,36 +220,26 @@ def ship_adapter(adapter: str | Path, dest: str | Path | None = None, dtype: str
     ``dtype`` (bfloat16 by default: half the size in the repository; loading upcasts them into the float32
     model, and the shipped accuracy is measured on exactly these files).
     """
-    from nvila.api import load
     src, out = Path(adapter), Path(dest) if dest is not None else shipped_adapter_dir()
     if not (src / "adapter_config.json").is_file():
         raise CheckpointError(f"{src} is not a LoRA adapter folder (no adapter_config.json); train one with "
                               "`make nano` (its last stage writes runs/nano/5-tune/adapter)")
     load(build(), dtype="float32", device="cpu", lora=src)          # refuses adapters of another base
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         for f in src.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
         if dtype != "float32":
             _store_floats_as(tmp, getattr(torch, dtype))
-        meta = tmp / "nvila_adapter.json"
+        meta = tmp / ADAPTER_META
         if meta.is_file():
             info = json.loads(meta.read_text())
             info["base"] = "nvila:nano-base"
             info["nano_build_version"] = BUILD_VERSION
-            meta.write_text(json.dumps(info, indent=2) + "\n")
-        peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
+            write_json(meta, info)
+        peft_cfg = json.loads((tmp / ADAPTER_CONFIG).read_text())
         peft_cfg["base_model_name_or_path"] = "nvila:nano-base"
-        (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / ADAPTER_CONFIG, peft_cfg)
     return out
 
 
@@ -276,5 +257,10 @@ def _store_floats_as(folder: Path, dtype: torch.dtype) -> None:
 
 
 def default_model() -> tuple[Path, Path | None]:
-    """(base checkpoint folder, trained adapter folder): what commands use when no --model is given."""
+    """``nvila:nano``: (base checkpoint folder, shipped adapter folder), the model used without --model."""
     return build(), trained_adapter()
+
+
+def base_model() -> tuple[Path, None]:
+    """``nvila:nano-base``: the untrained base, built once (the starting point of ``make nano``)."""
+    return build(), None

@@ -18,7 +18,7 @@ the group's range is computed over real columns only, so nothing changes numeric
 keep the even column in the high nibble (the layout CUDA's tinygemm packer reads).
 
 ``reference(x)`` dequantizes and multiplies (the definition; every device, every shape); ``kernel(x)``
-runs torch's fused op; ``forward`` picks one with :func:`nvila.quant.kernels.use_kernel`.
+runs torch's fused op; ``forward`` picks one with :func:`nvila.model.kernels.use_kernel`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvila.errors import ConfigError
-from nvila.quant import kernels
+from nvila.base.errors import ConfigError
+from nvila.formats.quant import check_group_size
+from nvila.model import kernels
 
 EPS = 1e-8  # smallest quantization step: an all-zero row/group quantizes to codes 0 with this scale
 
@@ -48,11 +49,10 @@ def quantize_rows_int8(x: torch.Tensor, chunk: int = 256,
                        scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) :func:`quantize_int8` of (M, K) activations, bit-identical to it, in row chunks.
 
-    One float32 chunk at a time, updated in place: the whole-tensor version allocates four (M, K) float32
-    temporaries, which made quantizing a 1024 x 4304 ViT activation 25 ms on a CPU where this takes 2-3 ms
-    and the int8 GEMM that follows 11 ms (chunks of 256 rows measured best among 8-256). ``scale`` (K,):
+    One float32 chunk at a time, updated in place: the whole-tensor version's four (M, K) float32
+    temporaries cost more than the int8 GEMM that follows (256-row chunks measured best). ``scale`` (K,):
     a per-channel factor applied first, in float32, as the chunk is copied (the same as quantizing
-    ``x.float() * scale``; a separate pass over a bf16 input cost as much as the GEMM for ViT fc2).
+    ``x.float() * scale``, without a separate pass over the input).
     """
     m = x.shape[0]
     codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -71,7 +71,7 @@ def quantize_rows_int8(x: torch.Tensor, chunk: int = 256,
 
 def _quantize_chunk(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Quantize float32 ``rows`` (r, K) per row into ``codes`` (r, K) int8 and ``scales`` (r, 1); rows is used up."""
-    # max |x| without an |x| copy; amax and amin measured 10x faster than torch.aminmax here, 1.15x abs().amax()
+    # max |x| from amax and amin: no |x| copy, and torch.aminmax is much slower on CPU
     high, low = rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True)
     step = torch.maximum(high, low.neg_()).clamp_(min=EPS).div_(127)
     scales.copy_(step)
@@ -147,8 +147,7 @@ def dequantize_packed_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torc
     """(N, Kp / 2) bytes of :func:`pack_int4`, (N, G) scales and zeros -> (N, Kp) float32 weight.
 
     :func:`dequantize_int4` of :func:`unpack_int4`, computed as q * s - z * s in two in-place passes
-    straight from the bytes (equal up to float32 rounding; 1.5x faster, which is what W4A16 prefill
-    spends beyond bf16's GEMMs on a CPU).
+    straight from the bytes (equal up to float32 rounding, and faster: W4A16 prefill pays for it).
     """
     n = packed.shape[0]
     w = torch.empty(n, packed.shape[1], 2, device=packed.device)             # (N, Kp / 2, 2): the code pairs
@@ -317,8 +316,8 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation, of float32 ``x`` (overwritten and returned) as x * sigmoid(2z).
 
     The same function as ``F.gelu(x, approximate="tanh")`` (0.5 (1 + tanh z) = sigmoid(2z), z =
-    sqrt(2/pi) (x + 0.044715 x^3)) and as accurate (max error 5e-7 vs 4e-7 against float64), but torch's
-    tanh is slow on CPU: 64 x 4304 rows, two threads, 108 us instead of 184.
+    sqrt(2/pi) (x + 0.044715 x^3)) and as accurate (float32 rounding), but faster on CPU, where torch's
+    tanh is slow.
     """
     u = x * x
     u.mul_(GELU_TANH_C * 0.044715).add_(GELU_TANH_C).mul_(x)                 # 2z
@@ -422,8 +421,7 @@ class W4A16Linear(QuantLinear):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Dequantize and multiply, about 2^20 weights (output channels x K) at a time: the same weights as
         dequantizing all at once (results equal up to float summation order), without its large float32
-        temporaries, which made prefill of a W4A16 LLM 4.6x slower than bf16 (152 x 1536 -> 8960 in bf16:
-        55 ms whole, ~11 chunked, ``F.linear`` 5-7)."""
+        temporaries, which dominated W4A16 prefill."""
         rows = self._prepare(x)
         out = rows.new_empty(rows.shape[0], self.out_features)
         chunk = max(64, self.REFERENCE_CHUNK_ELEMENTS // self.padded_in)
@@ -454,11 +452,28 @@ class W4A16Linear(QuantLinear):
         return self._packed[1], self._packed[2]
 
 
-def check_group_size(group_size: int) -> None:
-    """Group sizes the fused 4-bit kernels accept (the reference would take any even size)."""
-    if group_size not in kernels.INT4_KERNEL_GROUPS:
-        raise ConfigError(f"group size {group_size} is not supported; use one of {list(kernels.INT4_KERNEL_GROUPS)}")
-
-
 # scheme -> module class: the one registry of quantized linears.
 QUANTIZERS: dict[str, type[QuantLinear]] = {"w8a8": W8A8Linear, "w8a16": W8A16Linear, "w4a16": W4A16Linear}
+
+
+# ---- module swaps --------------------------------------------------------------------------------
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``name`` inside ``root``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def fuse_w8a8_mlps(root: nn.Module) -> int:
+    """Wrap every MLP of ``root`` (a module with ``fc1``, ``activation_fn``, ``fc2``) whose linears are both
+    :class:`W8A8Linear` in a :class:`W8A8MLP`, in place; returns the count."""
+    targets = [name for name, m in root.named_modules()
+               if isinstance(getattr(m, "fc1", None), W8A8Linear) and isinstance(getattr(m, "fc2", None), W8A8Linear)
+               and callable(getattr(m, "activation_fn", None)) and not isinstance(m, W8A8MLP) and name]
+    for name in targets:
+        replace_module(root, name, W8A8MLP(root.get_submodule(name)))
+    return len(targets)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+

@@ -1,4 +1,4 @@
-"""LoRA adapters on the LLM (peft): apply, save, load, merge.
+"""LoRA adapters on the LLM (peft): apply, save, load, merge (folder names: :mod:`nvila.formats.layout`).
 
 NVILA fine-tuning trains LoRA on the LLM, the vision tower's LayerNorms and the full projector. The
 LoRA half lives here; the rest is ``params.set_trainable``. Order matters, because ``set_trainable``
@@ -22,85 +22,29 @@ An adapter folder, written atomically by :func:`save_adapter`::
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from nvila.checkpoint import atomic_dir, commit_dir, read_json
-from nvila.errors import CheckpointError, ConfigError
+from nvila.base.errors import CheckpointError, ConfigError
+from nvila.base.files import atomic_dir, read_json, write_json
+from nvila.formats.layout import ADAPTER_CONFIG as CONFIG_FILE
+from nvila.formats.layout import ADAPTER_FORMAT_VERSION as FORMAT_VERSION
+from nvila.formats.layout import ADAPTER_LORA as LORA_FILE
+from nvila.formats.layout import ADAPTER_META as META_FILE
+from nvila.formats.layout import ADAPTER_OTHER as OTHER_FILE
+from nvila.formats.layout import LORA_MARK, PEFT_PREFIX
+from nvila.formats.lora import LoraSettings, require_peft
+from nvila.model.quantized import replace_module
 
 if TYPE_CHECKING:
     from nvila.model.nvila import NvilaModel
 
-LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "default"                      # peft's adapter name; one adapter at a time
-PEFT_PREFIX = "base_model.model."        # what PeftModel puts before the LLM's own keys on disk
-LORA_MARK = "lora_"                      # peft's prefix of every LoRA parameter name
-CONFIG_FILE, LORA_FILE = "adapter_config.json", "adapter_model.safetensors"
-OTHER_FILE, META_FILE = "non_lora_trainables.safetensors", "nvila_adapter.json"
-FORMAT_VERSION = 1
 PART_PREFIXES = {"vision": "vision.", "projector": "projector.", "llm": "llm."}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters (defaults: the NVILA reference's r=64, alpha=16, dropout=0.05).
-
-    ``target_modules`` are module-name suffixes inside the LLM (default: attention and MLP projections).
-    """
-
-    r: int = 64
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = LLM_PROJECTIONS
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError(f"lora alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora dropout must be a number in [0, 1), got {self.dropout!r}")
-        targets = self.target_modules
-        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
-            raise ConfigError(f"lora target_modules must be a list of module names, got {targets!r}")
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ConfigError(f"lora target_modules must be a non-empty list of module names, got {list(targets)!r}")
-        object.__setattr__(self, "target_modules", tuple(targets))   # lists (from YAML/JSON) become tuples
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraSettings":
-        """Settings from a recipe / nvila_adapter.json mapping; unknown keys are an error."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown lora settings {unknown}; known: {known}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "target_modules": list(self.target_modules)}
-
-    def peft_config(self, base: str | None = None) -> Any:
-        """The equivalent ``peft.LoraConfig`` (bias untouched, causal-LM task)."""
-        peft = require_peft()
-        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                               target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-                               base_model_name_or_path=base)
-
-
-def require_peft() -> Any:
-    """The peft module, or a ConfigError saying how to install it."""
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError("LoRA adapters need the peft package: pip install 'nvila[train]'") from None
-    return peft
 
 
 # ---- apply -----------------------------------------------------------------------------------------
@@ -147,8 +91,7 @@ def _unwrap(llm: nn.Module, merge: bool) -> None:
         for name, layer in lora_layers(llm):
             if merge:
                 layer.merge(safe_merge=True)   # raises on NaN/inf rather than writing them into the base
-            parent, _, child = name.rpartition(".")
-            setattr(llm.get_submodule(parent), child, layer.get_base_layer())
+            replace_module(llm, name, layer.get_base_layer())
     if hasattr(llm, "peft_config"):
         del llm.peft_config
 
@@ -193,19 +136,13 @@ def save_adapter(
         "lora_tensors": len(lora),
         "non_lora_tensors": sorted(other),
     }
-    out = Path(out_dir)
-    tmp = atomic_dir(out)
-    try:
+    with atomic_dir(out_dir) as tmp:
         settings.peft_config(base).save_pretrained(str(tmp))
         save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
         if other:
             save_file(other, str(tmp / OTHER_FILE), metadata={"format": "pt"})
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_json(tmp / META_FILE, meta)
+    return Path(out_dir)
 
 
 def lora_state(llm: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,25 +1,9 @@
-"""``quant_config.json``: what a quantized checkpoint folder holds, and rebuilding its modules at load.
+"""Quantized checkpoints: rebuilding the modules a ``quant_config.json`` lists (:mod:`nvila.formats.quant`).
 
-A quantized checkpoint is the official layout (config.json, llm/, vision_tower/, mm_projector/) plus::
-
-    ROOT/quant_config.json
-    {"format_version": 1,
-     "vision": {"scheme": "w8a8", "method": "smoothquant", "alpha": 0.3} | null,
-     "llm": {"scheme": "w4a16", "method": "awq", "w_bit": 4, "group_size": 128} | null,
-     "group_size": 128,
-     "calibration": {"prompts": 16, "tiles": 160, "source": "..."},
-     "modules": [{"part": "llm", "name": "model.layers.0.self_attn.q_proj", "scheme": "w4a16",
-                  "in_features": 1536, "out_features": 1536, "bias": true, "input_scale": false,
-                  "group_size": 128}, ...]}
-
-``modules`` is what loading reads: ``name`` is the official tensor-name prefix inside the part's
-safetensors, so the layer's tensors are ``{name}.weight``, ``{name}.weight_scale``, ``{name}.weight_zero``
-(W4A16), ``{name}.bias`` and ``{name}.input_scale`` (when ``input_scale`` is true), with the shapes and
-dtypes of :mod:`nvila.quant.linear`. Everything else in the folder is an ordinary float checkpoint
-(norms that absorbed a smoothing scale are stored as computed). Loading builds the float skeleton,
-swaps every listed ``nn.Linear`` for an empty quantized module of the same shape (and wraps MLPs whose two
-linears are W8A8 in :class:`~nvila.quant.linear.W8A8MLP`, which keeps the names), and the strict loader
-of :mod:`nvila.checkpoint` then checks every name, shape and integer dtype.
+Loading builds the float skeleton, then :func:`apply_quant_config` swaps every listed ``nn.Linear`` for an
+empty quantized module of the same shape (and wraps MLPs whose two linears are W8A8 in
+:class:`~nvila.model.quantized.W8A8MLP`, which keeps the names); the strict loader of
+:mod:`nvila.checkpoint.weights` then checks every name, shape and integer dtype.
 """
 
 from __future__ import annotations
@@ -28,17 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from nvila.checkpoint import QUANT_CONFIG, key_prefix
-from nvila.errors import CheckpointError
-from nvila.quant.linear import QUANTIZERS, QuantLinear, W8A8Linear, W8A8MLP
-
-FORMAT_VERSION = 1
-ENTRY_FIELDS = ("part", "name", "scheme", "in_features", "out_features", "bias", "input_scale")
-
-def official_name(part_module: nn.Module, part: str, name: str) -> str:
-    """Module name inside our part module -> prefix of its tensors in the official safetensors."""
-    src, dst = key_prefix(part_module, part)
-    return src + name[len(dst):]
+from nvila.base.errors import CheckpointError
+from nvila.formats.layout import QUANT_CONFIG, key_prefix
+from nvila.formats.quant import ENTRY_FIELDS, FORMAT_VERSION
+from nvila.model.quantized import QUANTIZERS, QuantLinear, fuse_w8a8_mlps, replace_module
 
 
 def module_name(part_module: nn.Module, part: str, official: str) -> str:
@@ -56,23 +33,6 @@ def module_entry(part: str, name: str, module: QuantLinear) -> dict[str, Any]:
     if module.group_size is not None:
         entry["group_size"] = module.group_size
     return entry
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at dotted ``name`` inside ``root``."""
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def fuse_w8a8_mlps(root: nn.Module) -> int:
-    """Wrap every MLP of ``root`` (a module with ``fc1``, ``activation_fn``, ``fc2``) whose linears are both
-    :class:`W8A8Linear` in a :class:`W8A8MLP`, in place; returns the count."""
-    targets = [name for name, m in root.named_modules()
-               if isinstance(getattr(m, "fc1", None), W8A8Linear) and isinstance(getattr(m, "fc2", None), W8A8Linear)
-               and callable(getattr(m, "activation_fn", None)) and not isinstance(m, W8A8MLP) and name]
-    for name in targets:
-        replace_module(root, name, W8A8MLP(root.get_submodule(name)))
-    return len(targets)
 
 
 def apply_quant_config(part_module: nn.Module, part: str, config: dict[str, Any]) -> int:
@@ -126,8 +86,3 @@ def _empty(part_module: nn.Module, part: str, entry: dict[str, Any]) -> QuantLin
                                            **options)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) for m in model.modules())
-

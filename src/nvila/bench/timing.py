@@ -1,4 +1,4 @@
-"""``nvila bench``: stage timings, decode speed and memory, measured side by side in one process.
+"""Timing of setups: stage timings, decode speed and memory, measured side by side in one process.
 
 Every number is a median over ``runs`` repetitions after ``warmup`` untimed ones. Setups (``fp32``, ``bf16``,
 ``fast``) are run one after the other in the same process; each loads its own model after the previous
@@ -18,13 +18,15 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from nvila.errors import ConfigError
+from nvila import api
+from nvila.base.errors import ConfigError
+from nvila.formats.layout import QUANT_CONFIG
 from nvila.generate import decode_step, left_pad, prefill
 
 # setup name -> keyword arguments of nvila.load
@@ -37,8 +39,6 @@ SETUPS: dict[str, dict[str, Any]] = {
 
 def quantized_label(folder: str | Path) -> str:
     """``w8a8+w4a16``-style label from a quantized checkpoint's quant_config.json."""
-    from nvila.checkpoint import QUANT_CONFIG
-
     path = Path(folder) / QUANT_CONFIG
     if not path.is_file():
         raise ConfigError(f"--quantized {folder}: no {QUANT_CONFIG} there; write one with `nvila quantize`")
@@ -51,9 +51,7 @@ def load_quantized(folder: str | Path, device: str, dtype: str) -> Any:
     """A quantized checkpoint as ``nvila.load`` serves it: with the fast path where it applies (bf16 on CPU:
     the vision attention, and the decode kernel for linears left in float, such as the LM head), so it is
     to be compared with the ``fast`` setup."""
-    from nvila.api import load
-
-    return load(folder, device=device, dtype=dtype)
+    return api.load(folder, device=device, dtype=dtype)
 
 
 @dataclass
@@ -241,89 +239,3 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times)
-
-
-RATIO_KEYS = ("ttft_s", "vision_s", "prefill_s", "decode_tokens_per_s", "peak_rss_bytes")
-
-
-def ratios(base: BenchResult | Mapping[str, float], other: BenchResult | Mapping[str, float]) -> dict[str, float]:
-    """Speed-ups of ``other`` over ``base`` (>1 = faster / smaller); results or :func:`bench_interleaved` medians."""
-    base, other = (x if isinstance(x, Mapping) else asdict(x) for x in (base, other))
-    out = {}
-    for key in RATIO_KEYS:
-        a, b = base.get(key), other.get(key)
-        if a and b:
-            out[key] = (b / a) if key == "decode_tokens_per_s" else (a / b)
-    return out
-
-
-def comparisons(results: Sequence[BenchResult], quantized: bool = False) -> list[tuple[BenchResult, BenchResult]]:
-    """(base, other) pairs whose ratios are reported: every setup against the first, and a quantized setup
-    (the last one) also against each other float setup (``fast`` is the one it runs like)."""
-    pairs = [(results[0], r) for r in results[1:]]
-    if quantized:
-        pairs += [(r, results[-1]) for r in results[1:-1]]
-    return pairs
-
-
-def write_json(path: str | Path, results: Sequence[BenchResult], extra: dict[str, Any] | None = None,
-               quantized: bool = False, interleaved: dict[str, dict[str, float]] | None = None) -> None:
-    """Medians of the first setup at the top level, every setup under ``setups``, ratios if compared;
-    :func:`bench_interleaved` medians and their ratios under ``interleaved``."""
-    data: dict[str, Any] = dict(asdict(results[0]))
-    data.update(extra or {})
-    data["setups"] = {r.label: asdict(r) for r in results}
-    pairs = comparisons(results, quantized)
-    if pairs:
-        data["ratios"] = {f"{b.label}_vs_{a.label}": ratios(a, b) for a, b in pairs}
-    if interleaved:
-        data["interleaved"] = {
-            "setups": interleaved,
-            "ratios": {f"{b.label}_vs_{a.label}": ratios(interleaved[a.label], interleaved[b.label]) for a, b in pairs},
-        }
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def plot(results: Sequence[BenchResult], out_dir: str | Path, sweep: dict[str, list[tuple[float, float]]] | None = None) -> list[Path]:
-    """PNG plots: stage breakdown per setup, decode tokens/s per setup, latency vs sweep values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    stages = ("preprocess_s", "vision_s", "projector_s", "prefill_s")
-    labels = [r.label for r in results]
-    left = [0.0] * len(results)
-    for stage in stages:
-        vals = [getattr(r, stage) for r in results]
-        ax.barh(labels, vals, left=left, label=stage.removesuffix("_s"))
-        left = [a + b for a, b in zip(left, vals)]
-    ax.set_xlabel("seconds to first token")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Time to first token by stage")
-    fig.tight_layout()
-    paths.append(out / "stages.png")
-    fig.savefig(paths[-1], dpi=110)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(labels, [r.decode_tokens_per_s for r in results], color="tab:green")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("Decode speed")
-    fig.tight_layout()
-    paths.append(out / "decode.png")
-    fig.savefig(paths[-1], dpi=110)
-    for name, points in (sweep or {}).items():
-        fig, ax = plt.subplots(figsize=(5, 3))
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o")
-        ax.set_xlabel(name)
-        ax.set_ylabel("time to first token (s)")
-        ax.set_title(f"Latency vs {name}")
-        fig.tight_layout()
-        paths.append(out / f"latency_vs_{name.replace(' ', '_')}.png")
-        fig.savefig(paths[-1], dpi=110)
-    plt.close("all")
-    return paths

@@ -16,13 +16,13 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from nvila.errors import MediaError
+from nvila.base.errors import MediaError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"})
@@ -55,6 +55,12 @@ def media_kind(path: str | os.PathLike) -> Literal["image", "video"]:
         f"Media file {name!r} has an unsupported extension {ext or '(none)'!r}; accepted extensions: {_accepted()} "
         "(or a folder of frame images)."
     )
+
+
+def media_part(path: str | os.PathLike) -> dict[str, Any]:
+    """The message content part for a media path: ``{"type": kind, kind: path}``, kind by :func:`media_kind`."""
+    kind = media_kind(path)
+    return {"type": kind, kind: os.fspath(path)}
 
 
 def _check_dims(width: int, height: int, name: str, max_pixels: int) -> None:

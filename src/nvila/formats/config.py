@@ -1,21 +1,26 @@
-"""Typed configuration of an NVILA model, parsed once from the official ``config.json``.
+"""Typed configuration of an NVILA model: parsed once from the official ``config.json``, written back by
+:meth:`NvilaConfig.to_official`, the only producer of that file.
 
 The released checkpoints keep their settings in a LLaVA-style top-level ``config.json`` whose values come
 in loose string forms (``s2_scales: "448,896,1344"``, encoder entries as Hydra JSON strings, keys that are
 absent and fall back to class defaults). :func:`NvilaConfig.from_official` turns that into frozen, typed
-data at the boundary; nothing downstream ever looks at the raw dict again. The raw dict is kept verbatim
-(``NvilaConfig.raw``) so that saving writes the same file back.
+data at the boundary; nothing downstream looks at the raw dict again. The raw dict is kept
+(``NvilaConfig.raw``) for the entries nvila does not interpret, so an unchanged configuration writes the
+same file back; a changed one (``dataclasses.replace``) writes its typed values under their official keys.
+:meth:`NvilaConfig.for_parts` makes the configuration of a new model (random presets, assembled models).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from nvila.errors import ConfigError
+from nvila.base.errors import ConfigError
 
 ImageMode = Literal["dynamic_s2", "dynamic", "resize"]
+IMAGE_MODES: tuple[str, ...] = get_args(ImageMode)
 
 # Space-to-channel block side of each projector type (token geometry needs it; the modules themselves are
 # built by nvila.model.projector.PROJECTORS, which has exactly these keys).
@@ -30,6 +35,7 @@ DEFAULT_NUM_VIDEO_FRAMES = 8
 # `_target_` class names of the reference's Hydra encoder entries -> our kinds.
 _VIDEO_ENCODERS: dict[str, VideoEncoderKind] = {"BasicVideoEncoder": "basic", "TSPVideoEncoder": "tsp"}
 _IMAGE_ENCODERS = {"BasicImageEncoder"}
+_VIDEO_TARGETS = {"basic": "llava.model.encoders.BasicVideoEncoder", "tsp": "llava.model.encoders.TSPVideoEncoder"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class NvilaConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
+    chat_template: str | None = None    # name of a built-in template; None: the tokenizer's own
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -151,6 +158,7 @@ class NvilaConfig:
             image_mean=_triple(pre.get("image_mean", (0.5, 0.5, 0.5)), "image_mean"),
             image_std=_triple(pre.get("image_std", (0.5, 0.5, 0.5)), "image_std"),
             rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+            chat_template=_optional_str(raw.get("chat_template"), "chat_template"),
             raw=dict(raw),
         )
         _check_image_encoder(raw.get("image_encoder"))
@@ -168,6 +176,65 @@ class NvilaConfig:
             raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
         if self.num_video_frames < 1:
             raise ConfigError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
+
+    def to_official(self) -> dict[str, Any]:
+        """The top-level ``config.json`` dict: ``raw`` with every typed setting under its official key.
+
+        An entry whose value already parses to the typed one is left as written (``"448,896,1344"`` stays
+        a string), and an absent entry whose typed value is the class default stays absent, so
+        ``from_official(raw).to_official() == raw``.
+        """
+        out = dict(self.raw)
+        if self.image_mode == "dynamic_s2":
+            out["dynamic_s2"] = True
+            out.setdefault("image_aspect_ratio", "dynamic_s2")
+            if "s2_scales" not in out or parse_scales(out["s2_scales"]) != self.s2_scales:
+                out["s2_scales"] = ",".join(map(str, self.s2_scales))
+            out.setdefault("s2_max_split_size", self.s2_scales[0])
+            out.setdefault("s2_resize_output_to_scale_idx", -1)
+        else:
+            out["dynamic_s2"] = False
+            out["image_aspect_ratio"] = self.image_mode
+        for name, (key, default) in _TOP_LEVEL.items():
+            value = getattr(self, name)
+            if key in out and _written_as(out[key], default) == value:
+                continue                                 # keep the entry as written ("12", null, ...)
+            if key in out or value != default:
+                out[key] = value
+        if "video_encoder" in out or self.video_encoder != VideoEncoderConfig():
+            if "video_encoder" not in out or parse_video_encoder(out["video_encoder"]) != self.video_encoder:
+                out["video_encoder"] = _official_video_encoder(self.video_encoder)
+        if "chat_template" in out or self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
+
+    @classmethod
+    def for_parts(cls, llm: dict[str, Any], vision: dict[str, Any], projector_type: str, image_mode: ImageMode,
+                  mm_hidden_size: int | None = None, s2_scales: tuple[int, ...] = (), **settings: Any) -> "NvilaConfig":
+        """The configuration of a new model built from an LLM config and a vision config (transformers
+        ``to_dict()`` forms), with the release's top-level entries; ``settings``: further typed fields.
+
+        ``mm_hidden_size`` defaults to the vision width times the number of scales (Dynamic-S2 concatenates
+        the scales' features on channels).
+        """
+        if mm_hidden_size is None:
+            mm_hidden_size = int(vision["hidden_size"]) * max(1, len(s2_scales))
+        raw = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "hidden_size": llm["hidden_size"],
+               "mm_hidden_size": mm_hidden_size, "mm_vision_select_layer": -2,
+               "mm_vision_select_feature": "cls_patch", "chat_template": None, "fps": 0.0,
+               "model_dtype": "torch.bfloat16", "num_time_tokens": 0, "num_video_frames": DEFAULT_NUM_VIDEO_FRAMES,
+               "llm_cfg": llm, "vision_tower_cfg": vision,
+               "mm_projector_cfg": {"mm_projector_type": projector_type, "model_type": "v2l_projector",
+                                    "architectures": ["MultimodalProjector"]}}
+        if image_mode == "dynamic_s2":
+            raw.update(dynamic_s2=True, image_aspect_ratio="dynamic_s2", s2_scales=",".join(map(str, s2_scales)),
+                       s2_max_split_size=s2_scales[0], s2_resize_output_to_scale_idx=-1)
+        else:
+            raw.update(dynamic_s2=False, image_aspect_ratio=image_mode)
+        base = cls.from_official(raw, vision, raw["mm_projector_cfg"], llm)
+        cfg = dataclasses.replace(base, **settings)
+        cfg.validate()
+        return cfg
 
 
 def downsample_factor(name: str) -> int:
@@ -211,6 +278,33 @@ def parse_video_encoder(value: Any) -> VideoEncoderConfig:
         if spec.get("sep_tokens") or spec.get("start_tokens"):
             raise ConfigError("TSP sep_tokens/start_tokens are not supported (no released model uses them)")
     return VideoEncoderConfig(kind=kind, pool_sizes=pools)
+
+
+def _official_video_encoder(enc: VideoEncoderConfig) -> str:
+    """The Hydra JSON string form of a video encoder entry, as the releases write it."""
+    spec: dict[str, Any] = {"_target_": _VIDEO_TARGETS[enc.kind]}
+    if enc.kind == "tsp":
+        spec["pool_sizes"] = [list(p) for p in enc.pool_sizes]
+    return json.dumps(spec)
+
+
+def _written_as(value: Any, default: Any) -> Any:
+    """The typed value an official entry stands for (null: the default; integral strings and floats: int)."""
+    if value is None:
+        return default
+    if isinstance(value, (str, float)) and not isinstance(default, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else number
+    return value
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"config value {name}={value!r} must be a string or null")
+    return value or None
 
 
 def _check_image_encoder(value: Any) -> None:
@@ -270,3 +364,15 @@ def _lcm(a: int, b: int) -> int:
     from math import gcd
 
     return a * b // gcd(a, b)
+
+
+# Typed field -> (official top-level key, value when the key is absent).
+_TOP_LEVEL: dict[str, tuple[str, Any]] = {
+    "mm_hidden_size": ("mm_hidden_size", None),
+    "min_tiles": ("min_tiles", DEFAULT_MIN_TILES),
+    "max_tiles": ("max_tiles", DEFAULT_MAX_TILES),
+    "select_layer": ("mm_vision_select_layer", -2),
+    "select_feature": ("mm_vision_select_feature", "cls_patch"),
+    "num_video_frames": ("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES),
+    "num_time_tokens": ("num_time_tokens", 0),
+}

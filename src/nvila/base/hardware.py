@@ -1,0 +1,93 @@
+"""What this machine computes well: CPU features, devices and dtypes, and the kernel choices that follow.
+
+The one place nvila looks at the hardware. Every rule keys on the features read here, so a rule can be
+tested for any CPU class by faking :func:`cpu_flags`. Measurements behind the rules: docs/perf/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from nvila.base.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once per process:
+    quantized linears ask on every forward call."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def decode_kernel_wins() -> bool:
+    """True where ``torch.mv`` outstreams ``F.linear`` for one bf16 row: AMX CPUs only (measured)."""
+    return "amx_bf16" in cpu_flags()
+
+
+# ---- devices and dtypes ----------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU; errors if CUDA is asked for but missing."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a valid device (cpu, cuda, cuda:N or auto)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto" -> bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
+        return dtype
+    if dtype in (None, "auto"):
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+# ---- fused quantized kernels on CPU ----------------------------------------------------------------
+# Largest row count for which a quantized linear takes torch's fused op instead of dequantize-then-matmul.
+# Without native bf16 / int8 dot products the fused ops are matrix-vector kernels: one row only.
+CPU_MAX_ROWS = {"w8a16": 1, "w4a16": 1, "w8a8": 1}
+# bf16 activations on CPUs with native bf16: the weight-only ops win up to at least 16 rows.
+CPU_BF16_MAX_ROWS = {"w8a16": 16, "w4a16": 16, "w8a8": 1}
+# W8A8 on CPUs with int8 dot products: the integer GEMM wins at every row count.
+CPU_INT8_DOT_MAX_ROWS = 1 << 62
+
+
+def cpu_max_rows(scheme: str, dtype: torch.dtype) -> int:
+    """Rows up to which the fused CPU op runs a ``scheme`` layer with activations of ``dtype``."""
+    if scheme == "w8a8" and cpu_has_int8_dot():
+        return CPU_INT8_DOT_MAX_ROWS
+    if dtype == torch.bfloat16 and cpu_has_native_bf16():
+        return CPU_BF16_MAX_ROWS[scheme]
+    return CPU_MAX_ROWS[scheme]

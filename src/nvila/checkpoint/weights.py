@@ -1,0 +1,171 @@
+"""One part of a checkpoint (``llm/``, ``vision_tower/``, ``mm_projector/``) <-> a module, with safetensors.
+
+Every tensor is checked (missing, unexpected, shape, integer dtype) before anything is copied, and errors
+name the part and the tensor. Loading records each tensor's stored dtype and the part's non-weight files
+(:class:`PartRecord`) so that saving writes them back unchanged: a load/save round trip is bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from nvila.base.errors import CheckpointError
+from nvila.base.files import read_json, write_json
+from nvila.formats.layout import SHARD_INDEX, SINGLE_WEIGHTS, WEIGHT_SUFFIXES, key_prefix
+
+# Integer dtypes of quantized tensors -> their safetensors names (a float file tensor must not fill them).
+INT_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
+MAX_SHARD_BYTES = 5 * 1024**3
+REOPEN_BYTES = 256 * 1024**2
+
+
+@dataclass
+class PartRecord:
+    """What was read from one sub-folder, kept so saving can reproduce it exactly."""
+
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)   # official key -> stored dtype
+    files: dict[str, bytes] = field(default_factory=dict)          # non-weight files, verbatim
+    vocab_rows: int | None = None                                  # llm: embedding rows on disk
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a sub-folder (single file or the shards named by the index)."""
+    index = folder / SHARD_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index} has no 'weight_map'") from e
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} is missing weight shards {missing} listed in {index.name}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and any(folder.glob("*.bin")):
+        raise CheckpointError(f"{folder} has only PyTorch .bin weights; nvila reads safetensors only")
+    return files
+
+
+def non_weight_files(folder: Path) -> dict[str, bytes]:
+    """Every regular file of a sub-folder that is not a weight file, for verbatim write-back."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+    }
+
+
+def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
+    """Copy a part's safetensors into ``module`` (strictly) and record stored dtypes.
+
+    Two passes: shapes are checked from the headers first, then tensors are copied one at a time, so
+    peak memory stays at the model plus one tensor.
+    """
+    expected = module.state_dict()
+    src_prefix, dst_prefix = key_prefix(module, part)
+    record = PartRecord(files=non_weight_files(folder))
+    where: dict[str, tuple[Path, str]] = {}
+    bad_shapes, bad_dtypes, unexpected = [], [], []
+    files = weight_files(folder)
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name = dst_prefix + key[len(src_prefix):] if key.startswith(src_prefix) else None
+                    if name is None or name not in expected:
+                        unexpected.append(key)
+                        continue
+                    info = f.get_slice(key)
+                    shape, want = tuple(info.get_shape()), expected[name]
+                    if shape != tuple(want.shape):
+                        bad_shapes.append(f"{key}: file {shape} vs model {tuple(want.shape)}")
+                    if want.dtype in INT_DTYPES and info.get_dtype() != INT_DTYPES[want.dtype]:
+                        bad_dtypes.append(f"{key}: file {info.get_dtype()} vs model {INT_DTYPES[want.dtype]}")
+                    where[name] = (file, key)
+        missing = [k for k in expected if k not in where and not _is_tied(module, k)]
+        _raise_mismatch(folder, part, missing, unexpected, bad_shapes, bad_dtypes)
+        with torch.no_grad():
+            for file in files:
+                _copy_from(file, [(n, k) for n, (src, k) in where.items() if src == file], expected, record)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"weights in {folder} are not readable safetensors: {e}") from e
+    return record
+
+
+def _copy_from(file: Path, items: list[tuple[str, str]], params: dict[str, torch.Tensor], record: PartRecord) -> None:
+    """Copy tensors out of one safetensors file.
+
+    The file is memory-mapped, and mapped pages count towards the process's resident memory until the
+    mapping closes; reopening it every ``REOPEN_BYTES`` keeps peak RSS near the model's own size.
+    """
+    done = 0
+    while done < len(items):
+        copied = 0
+        with safe_open(str(file), framework="pt") as f:
+            while done < len(items) and copied < REOPEN_BYTES:
+                name, key = items[done]
+                t = f.get_tensor(key)
+                record.dtypes[key] = t.dtype
+                params[name].copy_(t)
+                copied += t.numel() * t.element_size()
+                done += 1
+
+
+def _is_tied(module: nn.Module, key: str) -> bool:
+    """True for an LM head that shares the input embeddings (stored once, as the embeddings)."""
+    cfg = getattr(module, "config", None)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) if cfg is not None else False
+    return tied and key == "lm_head.weight"
+
+
+def _raise_mismatch(folder: Path, part: str, missing: list[str], unexpected: list[str], shapes: list[str],
+                    dtypes: list[str] | None = None) -> None:
+    dtypes = dtypes or []
+    if not (missing or unexpected or shapes or dtypes):
+        return
+    msg = [f"{folder} does not match its config.json ({part}):"]
+    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatch", shapes),
+                         ("dtype mismatch", dtypes)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            msg.append(f"  {label}: {', '.join(items[:5])}{more}")
+    raise CheckpointError("\n".join(msg))
+
+
+def part_state(module: nn.Module, part: str, record: PartRecord) -> dict[str, torch.Tensor]:
+    """Our module's tensors under their official names, cast to the dtype they were stored in."""
+    src_prefix, dst_prefix = key_prefix(module, part)
+    out = {}
+    for name, t in module.state_dict().items():
+        if _is_tied(module, name):
+            continue
+        key = src_prefix + name[len(dst_prefix):]
+        dtype = record.dtypes.get(key, t.dtype) if t.is_floating_point() else t.dtype
+        if record.vocab_rows is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = t[: record.vocab_rows]      # drop the rows appended for the media tokens
+        out[key] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def save_part(state: dict[str, torch.Tensor], folder: Path, files: dict[str, bytes]) -> None:
+    """Write one sub-folder: non-weight files verbatim + safetensors (sharded above 5 GiB)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total <= MAX_SHARD_BYTES:
+        save_file(state, str(folder / SINGLE_WEIGHTS), metadata={"format": "pt"})
+        return
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_BYTES)
+    for shard_name, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard_name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+    write_json(folder / SHARD_INDEX, index)
