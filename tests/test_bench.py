@@ -57,3 +57,17 @@ def test_unknown_setup_is_an_error(capsys) -> None:
         from nvila.bench.timing import bench_setup
 
         bench_setup("x", lambda: None, "hi", runs=0)
+
+
+def test_bench_kernels_times_every_path_and_records_the_machine(tmp_path, monkeypatch) -> None:
+    from nvila.bench import kernels
+
+    monkeypatch.setattr(kernels, "SHAPES", ((1, 128, 64, "decode"), (24, 128, 40, "prefill")))
+    assert main(["bench-kernels", "--runs", "2", "--json", str(tmp_path / "k.json")]) == 0
+    data = json.loads((tmp_path / "k.json").read_text())
+    one, many = data["kernels"]
+    assert set(one["ms"]) == {p.name for p in kernels.PATHS}                # every path runs one row
+    assert "bf16 torch.mv" not in many["ms"]                                # a matrix-vector op: one row only
+    assert "W4A16 fused g128, bf16 x" not in many["ms"]                     # 40 outputs: not a multiple of 16
+    assert all(v > 0 for row in data["kernels"] for v in row["ms"].values())
+    assert data["provenance"]["cpu"]["name"] and "git_commit" in data["provenance"]

@@ -148,7 +148,7 @@ def video():
 def test_health_and_models(lite) -> None:
     r = httpx.get(f"{lite.url}/health", timeout=10)
     assert r.status_code == 200
-    assert isinstance(r.json(), dict)
+    assert r.json()["status"] == "ok" and {"requests", "batches", "largest_batch", "waiting"} <= set(r.json()["engine"])
     models = lite.client().models.list()
     assert [m.id for m in models.data] == ["nvila-lite"]
     raw = httpx.get(f"{lite.url}/v1/models", timeout=10).json()
@@ -453,6 +453,7 @@ def test_load_200_requests_concurrency_16(lite) -> None:
             await asyncio.gather(*(one(i) for i in range(total)))
             return time.perf_counter() - t0
 
+    before = httpx.get(f"{lite.url}/health", timeout=10).json()["engine"]
     wall = asyncio.run(main())
     assert not failures, failures[:5]
     latencies.sort()
@@ -460,8 +461,14 @@ def test_load_200_requests_concurrency_16(lite) -> None:
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(f"\nload: {total} requests, concurrency {concurrency}, max_tokens 4 (text + 64x64 image mix): "
           f"{total / wall:.1f} req/s, p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, wall {wall:.1f} s")
-    assert lite.alive()
-    assert httpx.get(f"{lite.url}/health", timeout=10).status_code == 200
+    assert lite.alive() and len(latencies) == total
+    health = httpx.get(f"{lite.url}/health", timeout=10)
+    assert health.status_code == 200
+    after = health.json()["engine"]
+    served = after["requests"] - before["requests"]
+    assert served == total and after["waiting"] == after["running"] == 0          # every request answered, none left
+    # concurrent clients share decode batches: fewer batches than requests, several requests in one
+    assert after["batches"] - before["batches"] < total and after["largest_batch"] > 1, after
 
 
 @pytest.mark.slow

@@ -91,6 +91,45 @@ def test_existing_run_needs_resume(tmp_path: Path) -> None:
     assert [m["step"] for m in iter_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
+class _Payload:
+    """An object a pickle would rebuild by calling a function: what a hostile run folder could hold."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo this-must-never-run",))
+
+
+def test_resume_loads_no_pickled_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming reads every file with safetensors, JSON or torch.load(weights_only=True): the RNG state
+    needs no pickle, and a run folder whose optimizer file holds an arbitrary object is refused."""
+    from nvila.base.errors import CheckpointError
+
+    recipe = load_recipe(write_recipe(tmp_path, max_steps=2, save_every=1, keep_last=2))
+    out = Trainer(recipe, tmp_path / "run", progress=False).run()
+    first = losses(out)
+    step1 = out / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in step1.iterdir()) == ["optimizer.pt", "rng.json", "rng.safetensors", "state.json",
+                                                       "trainable.safetensors"]
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000002")           # resume from step 1: step 2 runs again
+    real_load, calls = torch.load, []
+
+    def checked_load(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    Trainer(recipe, out, resume=True, progress=False).run()
+    assert calls and all(flag is True for flag in calls)
+    assert losses(out) == first                                    # dropout included: the RNG state came back
+    blob = real_load(step1 / "optimizer.pt", weights_only=True)
+    blob["scheduler"]["payload"] = _Payload()
+    torch.save(blob, step1 / "optimizer.pt")
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        Trainer(recipe, out, resume=True, progress=False).run()
+
+
 def test_resume_after_sigkill_continues_the_exact_loss_curve(tmp_path: Path) -> None:
     config = write_recipe(tmp_path, max_steps=8, save_every=2, keep_last=2)
     base = nvila_cmd("train", "--config", str(config), "--no-progress", "--device", "cpu")

@@ -9,10 +9,10 @@ trained adapter (default: the shipped one). Greedy decoding, so the output is re
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import nvila
+from nvila.base.files import write_json
+from nvila.base.provenance import provenance
 from nvila.builders.nano import build, trained_adapter
 
 QUESTIONS = [
@@ -42,7 +42,8 @@ def main() -> None:
     for row in rows:
         print(f"Q: {row['question']}\n  before: {row['before']!r}\n  after:  {row['after']!r}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(args.json, {"answers": rows, "provenance": provenance(model="nvila:nano-base", adapter=str(adapter),
+                                                                         dtype="float32")})
 
 
 if __name__ == "__main__":

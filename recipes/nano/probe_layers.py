@@ -97,8 +97,11 @@ def main() -> None:
                      "colour_ncm": round(ncm(tok, colour, fit, held), 3),
                      "shape_ncm": round(ncm(grid, shape, fit, held), 3)})
         print(rows[-1])
-    Path(args.out).write_text(json.dumps({"images": n, "fit": int(fit.sum()), "held_out": int(held.sum()),
-                                          "layers": rows}, indent=2) + "\n")
+    from nvila.base.files import write_json
+    from nvila.base.provenance import provenance
+
+    write_json(args.out, {"images": n, "fit": int(fit.sum()), "held_out": int(held.sum()), "layers": rows,
+                          "provenance": provenance(model=str(args.base or "nvila:nano-base"), data=args.data)})
 
 
 if __name__ == "__main__":

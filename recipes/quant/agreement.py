@@ -6,7 +6,8 @@ quantized model drifted. For the first N test questions (image + question, as ``
 this prints, per quantized checkpoint, the mean and median KL(float || quantized) of the first answer
 token's distribution and how often the two models' most likely token agrees::
 
-    python recipes/quant/agreement.py --float .cache/bench/nano-merged --n 400 .cache/bench/nano-w4 ...
+    python recipes/quant/agreement.py --float .cache/bench/nano-merged --n 400 .cache/bench/nano-w4 ... \
+        [--json docs/perf/nano-w4-agreement.json]
 
 Everything runs in bf16 (the dtype quantized models use on CPUs with native bf16).
 """
@@ -18,6 +19,8 @@ import argparse
 import torch
 
 import nvila
+from nvila.base.files import write_json
+from nvila.base.provenance import provenance
 from nvila.eval.datasets import load_eval
 
 
@@ -31,8 +34,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--float", required=True, dest="float_model", help="the float checkpoint")
     parser.add_argument("--n", type=int, default=400, help="first N easy-VQA test questions (default 400)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("quantized", nargs="+", help="quantized checkpoint folders")
     args = parser.parse_args()
+    results = []
     items = load_eval("easy-vqa", "test")[: args.n]
     messages = [[{"role": "user", "content": [{"type": "image", "image": it.image},
                                               {"type": "text", "text": it.question}]}] for it in items]
@@ -43,6 +48,11 @@ def main() -> None:
         agree = (ref.argmax(-1) == lp.argmax(-1)).float().mean().item()
         print(f"{path}: KL mean {kl.mean().item():.4f}, median {kl.median().item():.4f}, "
               f"top-1 agreement {agree:.3f} ({len(items)} questions)", flush=True)
+        results.append({"quantized": path, "kl_mean": kl.mean().item(), "kl_median": kl.median().item(),
+                        "top1_agreement": agree, "questions": len(items)})
+    if args.json:
+        write_json(args.json, {"results": results, "provenance": provenance(
+            float_model=args.float_model, quantized=args.quantized, dataset="easy-vqa test", first=args.n)})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def cpu_class() -> str:
+    """The CPU class kernel rules are chosen for: ``amx``, ``avx512_bf16``, ``avx2``, ``arm`` or ``generic``."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if "avx2" in flags and "fma" in flags:
+        return "avx2"
+    if flags & {"asimd", "sve"}:
+        return "arm"
+    return "generic"
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

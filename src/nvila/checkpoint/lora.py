@@ -112,12 +112,14 @@ def merge_lora(model: NvilaModel) -> None:
 
 # ---- save ------------------------------------------------------------------------------------------
 def save_adapter(
-    model: NvilaModel, out_dir: str | os.PathLike, settings: LoraSettings, base: str | None = None
+    model: NvilaModel, out_dir: str | os.PathLike, settings: LoraSettings, base: str | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write the LoRA tensors and every other trainable tensor as an adapter folder (atomically).
 
     ``settings`` must be the ones ``apply_lora`` used; ``base`` (path or Hub id of the base checkpoint)
-    is recorded for people and tools, not checked when loading.
+    is recorded for people and tools, not checked when loading. ``replace``: an existing adapter folder is
+    replaced once the new one is complete.
     """
     from safetensors.torch import save_file
 
@@ -136,7 +138,7 @@ def save_adapter(
         "lora_tensors": len(lora),
         "non_lora_tensors": sorted(other),
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         settings.peft_config(base).save_pretrained(str(tmp))
         save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
         if other:

@@ -19,13 +19,14 @@ from nvila.formats.config import NvilaConfig
 from nvila.formats.layout import CONFIG
 
 
-def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
-    """Write ``ckpt`` in the official layout; tensors in the dtype they were stored in, files verbatim."""
+def save_checkpoint(ckpt: Checkpoint, out: str | os.PathLike, replace: bool = False) -> Path:
+    """Write ``ckpt`` in the official layout; tensors in the dtype they were stored in, files verbatim.
+    ``replace``: an existing folder at ``out`` is replaced once the new one is complete."""
     model = ckpt.model
     root = ckpt.records.get("", PartRecord())
     official = model.cfg.to_official()
     original = root.files.get(CONFIG)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=replace) as tmp:
         unchanged = original is not None and json.loads(original) == official
         (tmp / CONFIG).write_bytes(original if unchanged else json_bytes(official))
         for name, data in root.files.items():

@@ -15,6 +15,7 @@ from typing import Sequence
 from nvila.base.errors import NvilaError
 from nvila.cli import (
     bench,
+    bench_kernels,
     bench_serve,
     bench_train,
     chat,
@@ -33,7 +34,7 @@ from nvila.cli import (
 COMMANDS: dict[str, ModuleType] = {
     "infer": infer, "chat": chat, "serve": serve, "eval": evaluate, "train": train, "merge": merge,
     "quantize": quantize, "prune": prune, "nano": nano, "random-checkpoint": random_checkpoint,
-    "bench": bench, "bench-serve": bench_serve, "bench-train": bench_train,
+    "bench": bench, "bench-serve": bench_serve, "bench-train": bench_train, "bench-kernels": bench_kernels,
 }
 
 

@@ -114,7 +114,7 @@ def create_app(pipe: Any, settings: ServerSettings, max_queue: int = 64, max_bat
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_id}
+        return {"status": "ok", "model": settings.model_id, "engine": engine.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Engine:
         self._running = 0
         self._cv = threading.Condition()
         self._stop = False
+        self._served = {"requests": 0, "batches": 0, "largest_batch": 0}
         self._thread = threading.Thread(target=self._work, name="nvila-engine", daemon=True)
         self._thread.start()
 
@@ -63,6 +64,11 @@ class Engine:
                 raise QueueFull(f"the server is busy ({self.max_queue} requests queued); retry later")
             self._waiting.append(job)
             self._cv.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Requests waiting and running, and what the worker has served: requests, batches, largest batch."""
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": self._running, **self._served}
 
     def close(self) -> None:
         with self._cv:
@@ -88,6 +94,10 @@ class Engine:
                 batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
                 self._running = len(batch)
             batch = [j for j in batch if not j.cancelled.is_set()]
+            with self._cv:
+                self._served["requests"] += len(batch)
+                self._served["batches"] += bool(batch)
+                self._served["largest_batch"] = max(self._served["largest_batch"], len(batch))
             try:
                 if batch:
                     self._run(batch)

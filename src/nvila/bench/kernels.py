@@ -1,0 +1,121 @@
+"""Kernel benchmark (``nvila bench-kernels``): every linear path nvila can take, on NVILA-Lite-2B's shapes.
+
+Each path runs the same linear (random weights) and reports the median time of ``runs`` calls after a
+warm-up, on this machine and thread count. The kernel rules of :mod:`nvila.base.hardware` come from these
+tables; the JSON records the CPU it ran on, so a rule can cite the run it was measured with.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvila.base.files import write_json
+from nvila.base.provenance import provenance
+from nvila.model.quantized import W4A16Linear, W8A8Linear, W8A16Linear
+
+# (rows, in, out, what): decode rows of the LLM, a 152-token prefill, one 448 SigLIP tile's MLP
+SHAPES: tuple[tuple[int, int, int, str], ...] = (
+    (1, 1536, 1536, "decode q/o_proj"), (1, 1536, 8960, "decode up_proj"), (1, 8960, 1536, "decode down_proj"),
+    (1, 1536, 151936, "decode LM head"), (16, 1536, 8960, "16 rows up_proj"), (152, 1536, 8960, "prefill up_proj"),
+    (1024, 1152, 4304, "ViT fc1"), (1024, 4304, 1152, "ViT fc2"),
+)
+
+
+@dataclass
+class Path:
+    """One way to compute a linear: built once per shape (``make``), then timed (the returned callable)."""
+
+    name: str
+    make: Callable[[nn.Linear, torch.Tensor], Callable[[], torch.Tensor] | None]   # None: not applicable
+
+
+def _float(dtype: torch.dtype, mv: bool = False) -> Callable[[nn.Linear, torch.Tensor], Any]:
+    def make(lin: nn.Linear, x: torch.Tensor) -> Any:
+        w, xx = lin.weight.to(dtype), x.to(dtype)
+        if mv:
+            return (lambda: torch.mv(w, xx.reshape(-1))) if x.shape[0] == 1 else None
+        return lambda: F.linear(xx, w)
+    return make
+
+
+def _quant(cls: type, path: str, dtype: torch.dtype) -> Callable[[nn.Linear, torch.Tensor], Any]:
+    def make(lin: nn.Linear, x: torch.Tensor) -> Any:
+        m = cls.from_float(lin, group_size=128) if cls is W4A16Linear else cls.from_float(lin)
+        xx = x.to(dtype)
+        if path == "kernel" and cls is W4A16Linear and lin.out_features % 16:
+            return None
+        return (lambda: m.kernel(xx)) if path == "kernel" else (lambda: m.reference(xx))
+    return make
+
+
+PATHS: tuple[Path, ...] = (
+    Path("fp32 F.linear", _float(torch.float32)),
+    Path("bf16 F.linear", _float(torch.bfloat16)),
+    Path("bf16 torch.mv", _float(torch.bfloat16, mv=True)),
+    Path("W8A16 fused, bf16 x", _quant(W8A16Linear, "kernel", torch.bfloat16)),
+    Path("W8A16 reference, bf16 x", _quant(W8A16Linear, "reference", torch.bfloat16)),
+    Path("W4A16 fused g128, bf16 x", _quant(W4A16Linear, "kernel", torch.bfloat16)),
+    Path("W4A16 reference g128, bf16 x", _quant(W4A16Linear, "reference", torch.bfloat16)),
+    Path("W8A8 fused (_int_mm), fp32 x", _quant(W8A8Linear, "kernel", torch.float32)),
+    Path("W8A8 reference, fp32 x", _quant(W8A8Linear, "reference", torch.float32)),
+)
+
+
+def _median_ms(fn: Callable[[], torch.Tensor], runs: int, budget_s: float) -> float:
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs and (len(times) < 2 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+@torch.inference_mode()
+def measure(shapes: tuple[tuple[int, int, int, str], ...] | None = None, runs: int = 5,
+            budget_s: float = 10.0) -> list[dict[str, Any]]:
+    """One row per shape (default :data:`SHAPES`): the median milliseconds of every applicable path
+    (``budget_s`` caps how long a slow path is repeated)."""
+    rows = []
+    for m, k, n, what in shapes or SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        lin = nn.Linear(k, n, bias=False)
+        lin.weight.data = torch.randn(n, k, generator=gen) * k**-0.5
+        x = torch.randn(m, k, generator=gen)
+        times = {}
+        for path in PATHS:
+            fn = path.make(lin, x)
+            if fn is not None:
+                times[path.name] = _median_ms(fn, runs, budget_s)
+        rows.append({"rows": m, "in": k, "out": n, "what": what, "ms": times})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Paths down, shapes across (rows x in x out)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"linear kernels, ms (median; {torch.get_num_threads()} threads)")
+    table.add_column("path")
+    for r in rows:
+        table.add_column(f"{r['rows']}x{r['in']}x{r['out']}\n{r['what']}", justify="right")
+    for path in PATHS:
+        table.add_row(path.name, *[f"{r['ms'][path.name]:.3g}" if path.name in r["ms"] else "-" for r in rows])
+    Console(width=200).print(table)
+
+
+def run(json_path: str | None = None, runs: int = 5) -> list[dict[str, Any]]:
+    rows = measure(runs=runs)
+    print_table(rows)
+    if json_path:
+        write_json(json_path, {"kernels": rows, "provenance": provenance(runs=runs)})
+    return rows
