@@ -166,7 +166,7 @@ bench-train: $(STAMP)
 	test -d $(BENCH_DIR)/lite2b-8l || $(NVILA) random-checkpoint --preset nvila-lite-2b --layers 8 --out $(BENCH_DIR)/lite2b-8l
 	$(NVILA) bench-train --model $(BENCH_DIR)/lite2b-8l --steps 3 --batch-size 4 --json docs/perf/train-memory-lite2b-8l.json
 
-# The worked fine-tuning example of the README (tiny random model, bundled data, CPU).
+# The worked fine-tuning example of docs/training.md (tiny random model, bundled data, CPU).
 train-example: $(STAMP)
 	rm -rf runs/tiny-lora
 	$(NVILA) train --config recipes/examples/tiny-lora.yaml --output-dir runs/tiny-lora

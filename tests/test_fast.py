@@ -159,7 +159,8 @@ def test_backend_takes_the_shifted_gemms_only_where_they_pay(flags: tuple, shift
     fake_cpu(monkeypatch, *flags)
     q, k, v = _attention_inputs(1, 2, SHIFTED_MIN_TOKENS, 16, 1.0, seed=2)
     calls = []
-    monkeypatch.setattr(fast_module, "shifted_attention", lambda *a, **kw: calls.append(1) or shifted_attention(*a, **kw))
+    monkeypatch.setattr(fast_module, "shifted_attention",
+                        lambda *a, **kw: calls.append(1) or shifted_attention(*a, **kw))
     out, weights = shifted_bf16_attention(nn.Module().eval(), q, k, v, None, scaling=0.25, is_causal=False)
     assert weights is None and out.shape == (1, SHIFTED_MIN_TOKENS, 2, 16) and calls == ([1] if shifted else [])
 

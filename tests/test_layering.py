@@ -16,7 +16,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# (layer, rooms): bottom to top. docs/architecture.md shows the same table.
+# (layer, rooms): bottom to top. docs/architecture.md shows the same table with what each module does.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("nvila.base",)),
     ("formats", ("nvila.formats",)),
@@ -57,8 +57,9 @@ def imports_of(name: str, source: str, known: set[str], is_package: bool) -> set
                 parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(parts + ([node.module] if node.module else []))
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"):
             targets = [node.args[0].value]
         for target in targets:
             while target and target not in known:          # `import nvila.a.b.C` style: the deepest module

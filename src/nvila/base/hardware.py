@@ -1,7 +1,8 @@
 """What this machine computes well: CPU features, devices and dtypes, and the kernel choices that follow.
 
 The one place nvila looks at the hardware. Every rule keys on the features read here, so a rule can be
-tested for any CPU class by faking :func:`cpu_flags`. Measurements behind the rules: docs/perf/kernels.md.
+tested for any CPU class by faking :func:`cpu_flags`. Measurements behind the rules: ``nvila bench-kernels``
+(docs/performance.md).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def run(job: BenchJob) -> list[BenchResult]:
     loads: list[tuple[str, Callable[[], Any]]] = [
         (name, lambda kw=SETUPS[name]: api.load(job.model, device=job.device, **kw)) for name in job.setups]
     if job.quantized:
-        loads.append((quantized_label(job.quantized), lambda: load_quantized(job.quantized, job.device, job.quant_dtype)))
+        loads.append((quantized_label(job.quantized),
+                      lambda: load_quantized(job.quantized, job.device, job.quant_dtype)))
     with tempfile.TemporaryDirectory() as tmp, ProgressBar("benchmarking") as bar:
         messages, opts = _messages(job, Path(tmp), None)
         results = [bench_setup(label, load, messages, **timing, media_options=opts, on_step=bar.describe)

@@ -3,7 +3,7 @@
 Applied by :func:`nvila.load` for bf16 on CPU: the vision tower's attention runs as bf16 GEMMs
 (:func:`shifted_bf16_attention`), and where :func:`nvila.base.hardware.decode_kernel_wins` (AMX CPUs) the
 LLM's linears take a matrix-vector kernel for single-row (decode) products (:class:`DecodeLinear`).
-Parameter names and values are unchanged. Measurements: docs/perf/kernels.md.
+Parameter names and values are unchanged. Measurements: ``nvila bench-kernels``, docs/performance.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Every quantized linear has a reference path (dequantize the weight, float matmul) that defines the scheme
 and works everywhere; a fused op runs only for shapes it accepts and where it was measured faster
-(:func:`nvila.base.hardware.cpu_max_rows` on CPUs; measurements: docs/perf/kernels.md). The ops:
+(:func:`nvila.base.hardware.cpu_max_rows` on CPUs; measured with ``nvila bench-kernels``, docs/performance.md).
+The ops:
 
     W8A16  aten._weight_int8pack_mm(x, q (N, K) int8, scale (N,))
     W4A16  aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero) on CPU, the tinygemm kernel

@@ -1,4 +1,4 @@
-"""Pixels of the tiles a :class:`~nvila.processing.tiling.TilePlan` lists.
+"""Pixels of the tiles a :class:`~nvila.formats.plans.TilePlan` lists.
 
 Resizes are Pillow's ``Image.resize`` with its default filter (bicubic for RGB), exactly as the reference
 does; torch's bicubic interpolation does not match Pillow's antialiased one. Normalisation follows the

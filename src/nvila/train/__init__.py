@@ -1,1 +1,1 @@
-"""Training side of nvila (datasets first; recipes, PEFT and the loop build on nvila.api/processing)."""
+"""Training (layer above the builders): datasets, mixtures, packing, the loss, recipes and the resumable runner."""
