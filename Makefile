@@ -72,10 +72,11 @@ nano-probe: $(STAMP)
 	test -f data/easy-vqa/train.jsonl || $(NVILA) nano data --out data/easy-vqa
 	$(PY) recipes/nano/probe_layers.py --out docs/perf/nano-dinov2-layers.json
 
-# Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our fast path.
+# Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our bf16 fast path vs float32
+# math on the 16-bit weights (fp32-w16, what `auto` picks on AVX2 CPUs; `auto` is one of the last two everywhere).
 bench: $(STAMP)
 	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
-	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --runs 3 --warmup 1 --new-tokens 32 \
+	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast,fp32-w16 --runs 3 --warmup 1 --new-tokens 32 \
 		--json docs/perf/nvila-lite-2b.json --plot docs/perf/nvila-lite-2b --sweep 448,896,1344
 
 # Every linear path (float, W8A16, W4A16, W8A8; fused op and reference) on NVILA-Lite-2B's shapes, on this CPU.

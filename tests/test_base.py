@@ -80,6 +80,7 @@ def test_provenance_names_code_machine_and_inputs() -> None:
     record = provenance(model="m", adapter=Path("a"))
     assert record["model"] == "m" and record["adapter"] == "a"
     assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert set(record["cpu"]) == {"name", "flags", "cores", "torch_threads"}
+    assert set(record["cpu"]) == {"name", "flags", "class", "rules", "cores", "torch_threads"}
+    assert record["cpu"]["class"] == hardware.cpu_class()
     assert set(record["cpu"]["flags"]) <= hardware.cpu_flags()
     json.dumps(record)                                                    # JSON-able as is

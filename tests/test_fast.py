@@ -41,19 +41,19 @@ def test_decode_linear_equals_linear(bias: bool, rows: int) -> None:
     assert torch.equal(fast.weight, lin.weight)
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_lm_head_gets_a_contiguous_input(fast: bool) -> None:
+@pytest.mark.parametrize("dtype, fast", [("float32", False), ("bfloat16", True), ("float32", True)])
+def test_lm_head_gets_a_contiguous_input(dtype: str, fast: bool) -> None:
     """Last-position logits of a batch arrive as a strided view; the head multiplies a contiguous copy."""
-    pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32", device="cpu", fast=fast)
+    pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype=dtype, device="cpu", fast=fast)
     head = pipe.model.llm.get_output_embeddings()
     seen = []
     head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
-    hidden = torch.randn(3, 5, head.in_features)
+    hidden = torch.randn(3, 5, head.in_features).to(getattr(torch, dtype))
     strided = hidden[:, -1:, :]
     assert not strided.is_contiguous()
     out = head(strided)
     assert seen == [True]
-    torch.testing.assert_close(out, F.linear(hidden[:, -1:, :].contiguous(), head.weight, head.bias))
+    torch.testing.assert_close(out, head(hidden[:, -1:, :].contiguous()))
 
 
 def fake_cpu(monkeypatch: pytest.MonkeyPatch, *flags: str) -> None:

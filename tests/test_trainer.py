@@ -271,7 +271,8 @@ def test_overlong_samples_are_refused_or_reported(tmp_path: Path) -> None:
 
 
 def test_frozen_weights_in_bf16_compute_like_rounded_fp32_weights(tmp_path: Path) -> None:
-    from nvila.train.lowmem import UpcastEmbedding, UpcastLinear, store_frozen_in
+    from nvila.model.mixed import UpcastEmbedding, UpcastLinear
+    from nvila.train.lowmem import store_frozen_in
     from nvila.train.params import set_trainable
 
     pipe = nvila.load(CHECKPOINTS / "nvila-lite", dtype="float32")

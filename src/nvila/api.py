@@ -21,14 +21,15 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from nvila.base.errors import CheckpointError, ConfigError
-from nvila.base.hardware import decode_kernel_wins, resolve_device, resolve_dtype
-from nvila.checkpoint.load import Checkpoint, load_checkpoint
+from nvila.base.hardware import cpu_rules, decode_kernel_wins, resolve_device, resolve_dtype
+from nvila.checkpoint.load import Checkpoint, load_checkpoint, resolve
 from nvila.checkpoint.lora import find_adapter, load_adapter, merge_lora, require_peft
 from nvila.checkpoint.save import save_checkpoint
 from nvila.formats.layout import QUANT_CONFIG
 from nvila.formats.plans import Prompt
 from nvila.generate import SamplingParams, TextStep, Trim, decode_text
 from nvila.model.fast import contiguous_head, use_decode_linear, use_fast_vision_attention
+from nvila.model.mixed import fp32_math_on_16bit_weights
 from nvila.processing.processor import Processor
 
 MODEL_NAME_PREFIX = "nvila:"
@@ -79,11 +80,15 @@ def load(
     """Load an NVILA checkpoint: a local folder in the official layout, a Hugging Face Hub id, or a built-in
     model name (``nvila:nano``, see :func:`resolve_model`).
 
-    ``dtype="auto"`` picks bfloat16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX CPUs)
-    and float32 otherwise; pass ``dtype="float32"`` for bit-level parity with the reference.
-    ``fast`` (default: on for bfloat16 on CPU) runs the vision tower's attention as bf16 GEMMs and, on
-    CPUs where it was measured faster (AMX), swaps the LLM's linears for a single-token decode kernel
-    (:mod:`nvila.model.fast`); results are the same up to bf16 rounding.
+    ``dtype="auto"`` follows this CPU's rules (:func:`nvila.base.hardware.cpu_rules`): bfloat16 on CUDA and on
+    CPUs that compute it natively (AVX512-BF16, AMX), float32 elsewhere; pass ``dtype="float32"`` for
+    bit-level parity with the reference.
+    ``fast`` switches the CPU fast path of the dtype. bfloat16 (default on): the vision tower's attention as
+    bf16 GEMMs and, where it was measured faster (AMX), a single-token decode kernel for the LLM's linears
+    (:mod:`nvila.model.fast`); results move by bf16 rounding. float32 (default on for ``dtype="auto"`` where
+    the rules say so, AVX2 CPUs): weights stored in bf16 stay 16-bit and are multiplied in float32
+    (:mod:`nvila.model.mixed`), which loses nothing against the float32 reference and halves the weights'
+    memory and bytes per token; not with ``lora`` or for quantized folders, which load in float32.
     ``lora`` names a LoRA adapter folder (``nvila.checkpoint.lora.save_adapter``, needs ``nvila[train]``): it
     is loaded into the base model and merged, so inference runs at the base model's speed.
     A folder with a ``quant_config.json`` (written by ``nvila quantize``) loads as the quantized model.
@@ -99,18 +104,25 @@ def load(
     if lora is not None:
         require_peft()        # both fail before the slow base-model load
         find_adapter(lora)
-    ckpt = load_checkpoint(source, dtype=dt, device=str(dev))
+    source = resolve(source)
+    auto = dtype in (None, "auto")
+    fp32_on_16bit = (dev.type == "cpu" and dt == torch.float32 and lora is None
+                     and not (source / QUANT_CONFIG).is_file()
+                     and (fast if fast is not None else auto and cpu_rules().fp32_math_on_16bit_weights))
+    ckpt = load_checkpoint(source, dtype=dt, device=str(dev), keep_16bit=fp32_on_16bit)
     if lora is not None:
         if QUANT_CONFIG in ckpt.records[""].files:
             raise ConfigError("a LoRA adapter cannot be merged into a quantized checkpoint; merge it into the "
                               "float model (nvila merge), then quantize the result")
         load_adapter(ckpt.model, lora)
         merge_lora(ckpt.model)
-    contiguous_head(ckpt.model.llm)
-    if fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
+    if fp32_on_16bit:
+        fp32_math_on_16bit_weights(ckpt.model, cpu_rules().packed_fp16_max_rows)
+    elif fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
         if decode_kernel_wins():
             use_decode_linear(ckpt.model.llm)
         use_fast_vision_attention(ckpt.model.vision.model)
+    contiguous_head(ckpt.model.llm)
     return Pipeline(ckpt)
 
 

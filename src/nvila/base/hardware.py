@@ -7,7 +7,9 @@ tested for any CPU class by faking :func:`cpu_flags`. Measurements behind the ru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,8 +47,8 @@ def cpu_class() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    """True when the CPU computes bf16 natively (AVX512-BF16, AMX, or ARM's BF16 extension)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) or (cpu_class() == "arm" and "bf16" in cpu_flags())
 
 
 def cpu_has_int8_dot() -> bool:
@@ -54,9 +56,51 @@ def cpu_has_int8_dot() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+@dataclass(frozen=True)
+class CpuRules:
+    """What runs where on one CPU class: the choices measured with ``nvila bench-kernels`` (``source``).
+
+    ``fp32_math_on_16bit_weights``: ``dtype="auto"`` keeps weights stored in bf16 in 16 bits and computes in
+    float32 (lossless against the float32 reference; :mod:`nvila.model.mixed`) instead of computing in bf16.
+    ``packed_fp16_max_rows``: rows up to which a 16-bit linear runs FBGEMM's fp16 GEMM (above: unpack to
+    float32 and ``F.linear``). ``decode_mv``: single-row bf16 products through ``torch.mv``.
+    ``bf16_quant_max_rows``: rows up to which a weight-only quantized linear with bf16 activations takes the
+    fused op.
+    """
+
+    auto_bf16: bool
+    fp32_math_on_16bit_weights: bool
+    packed_fp16_max_rows: int
+    decode_mv: bool
+    bf16_quant_max_rows: int
+    source: str
+
+
+UNLIMITED = 1 << 62
+RULES: dict[str, CpuRules] = {
+    # torch.mv outstreams F.linear for one bf16 row only here (earlier AMX measurements; no kernels JSON yet)
+    "amx": CpuRules(True, False, UNLIMITED, True, 16, "no kernels-amx.json in the repository yet"),
+    "avx512_bf16": CpuRules(True, False, UNLIMITED, False, 16, "docs/perf/kernels-avx512_bf16.json"),
+    # bf16 GEMMs are emulated (slower than fp32): float32 math; FBGEMM's fp16 GEMM reads half the bytes of
+    # fp32 (its row limit is provisional until a kernels-avx2.json is measured)
+    "avx2": CpuRules(False, True, UNLIMITED, False, 1, "provisional: no kernels-avx2.json yet"),
+    # no FBGEMM on ARM: bf16 where the CPU has it (ARMv8.6 BF16), else plain float32
+    "arm": CpuRules(True, False, UNLIMITED, False, 1, "unmeasured: no ARM machine available"),
+    "generic": CpuRules(False, False, UNLIMITED, False, 1, "the reference's float32 kernels"),
+}
+
+
+def cpu_rules() -> CpuRules:
+    """The rules of this CPU's class (``auto_bf16`` on ARM only with the BF16 extension)."""
+    rules = RULES[cpu_class()]
+    if cpu_class() == "arm" and not cpu_has_native_bf16():
+        return dataclasses.replace(rules, auto_bf16=False)
+    return rules
+
+
 def decode_kernel_wins() -> bool:
-    """True where ``torch.mv`` outstreams ``F.linear`` for one bf16 row: AMX CPUs only (measured)."""
-    return "amx_bf16" in cpu_flags()
+    """True where ``torch.mv`` outstreams ``F.linear`` for one bf16 row (AMX CPUs)."""
+    return cpu_rules().decode_mv
 
 
 # ---- devices and dtypes ----------------------------------------------------------------------------
@@ -82,7 +126,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             raise ConfigError(f"dtype {dtype} is not a floating-point type; use float32, bfloat16 or float16")
         return dtype
     if dtype in (None, "auto"):
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_rules().auto_bf16)
         return torch.bfloat16 if native else torch.float32
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
@@ -93,8 +137,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 # Largest row count for which a quantized linear takes torch's fused op instead of dequantize-then-matmul.
 # Without native bf16 / int8 dot products the fused ops are matrix-vector kernels: one row only.
 CPU_MAX_ROWS = {"w8a16": 1, "w4a16": 1, "w8a8": 1}
-# bf16 activations on CPUs with native bf16: the weight-only ops win up to at least 16 rows.
-CPU_BF16_MAX_ROWS = {"w8a16": 16, "w4a16": 16, "w8a8": 1}
 # W8A8 on CPUs with int8 dot products: the integer GEMM wins at every row count.
 CPU_INT8_DOT_MAX_ROWS = 1 << 62
 
@@ -103,6 +145,6 @@ def cpu_max_rows(scheme: str, dtype: torch.dtype) -> int:
     """Rows up to which the fused CPU op runs a ``scheme`` layer with activations of ``dtype``."""
     if scheme == "w8a8" and cpu_has_int8_dot():
         return CPU_INT8_DOT_MAX_ROWS
-    if dtype == torch.bfloat16 and cpu_has_native_bf16():
-        return CPU_BF16_MAX_ROWS[scheme]
+    if dtype == torch.bfloat16 and cpu_has_native_bf16() and scheme != "w8a8":
+        return cpu_rules().bf16_quant_max_rows
     return CPU_MAX_ROWS[scheme]

@@ -3,6 +3,7 @@ quantization reports), so a number in the docs can be traced to the code, machin
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import platform
 import subprocess
@@ -10,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from nvila.base.hardware import cpu_flags
+from nvila.base.hardware import cpu_class, cpu_flags, cpu_rules
 
 # CPU features that decide nvila's kernels (the full flag list is long and mostly irrelevant)
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
@@ -59,6 +60,7 @@ def provenance(**inputs: Any) -> dict[str, Any]:
         "git_commit": git_commit(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": {"name": cpu_name(), "flags": sorted(f for f in KERNEL_FLAGS if f in cpu_flags()),
+                "class": cpu_class(), "rules": dataclasses.asdict(cpu_rules()),
                 "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "gpu": gpu,
         "versions": {p: _version(p) for p in ("nvila", "torch", "transformers", "peft", "safetensors")},

@@ -18,6 +18,8 @@ from torch import nn
 
 from nvila.base.files import write_json
 from nvila.base.provenance import provenance
+from nvila.base.hardware import UNLIMITED
+from nvila.model.mixed import PackedFp16Linear, fbgemm_fp16_available
 from nvila.model.quantized import W4A16Linear, W8A8Linear, W8A16Linear
 
 # (rows, in, out, what): decode rows of the LLM, a 152-token prefill, one 448 SigLIP tile's MLP
@@ -45,6 +47,24 @@ def _float(dtype: torch.dtype, mv: bool = False) -> Callable[[nn.Linear, torch.T
     return make
 
 
+def _packed_fp16(lin: nn.Linear, x: torch.Tensor) -> Any:
+    if not fbgemm_fp16_available():
+        return None
+    m = PackedFp16Linear(_bf16_copy(lin), UNLIMITED)
+    return lambda: m(x)
+
+
+def _bf16_copy(lin: nn.Linear) -> nn.Linear:
+    out = nn.Linear(lin.in_features, lin.out_features, bias=False)
+    out.weight.data = lin.weight.detach().bfloat16()
+    return out
+
+
+def _upcast(lin: nn.Linear, x: torch.Tensor) -> Any:
+    w = lin.weight.detach().bfloat16()
+    return lambda: F.linear(x, w.float())
+
+
 def _quant(cls: type, path: str, dtype: torch.dtype) -> Callable[[nn.Linear, torch.Tensor], Any]:
     def make(lin: nn.Linear, x: torch.Tensor) -> Any:
         m = cls.from_float(lin, group_size=128) if cls is W4A16Linear else cls.from_float(lin)
@@ -59,6 +79,8 @@ PATHS: tuple[Path, ...] = (
     Path("fp32 F.linear", _float(torch.float32)),
     Path("bf16 F.linear", _float(torch.bfloat16)),
     Path("bf16 torch.mv", _float(torch.bfloat16, mv=True)),
+    Path("bf16 w, fp32 x: FBGEMM fp16", _packed_fp16),
+    Path("bf16 w, fp32 x: upcast + F.linear", _upcast),
     Path("W8A16 fused, bf16 x", _quant(W8A16Linear, "kernel", torch.bfloat16)),
     Path("W8A16 reference, bf16 x", _quant(W8A16Linear, "reference", torch.bfloat16)),
     Path("W4A16 fused g128, bf16 x", _quant(W4A16Linear, "kernel", torch.bfloat16)),

@@ -28,7 +28,7 @@ class BenchJob:
     """What ``nvila bench`` measures (its flags)."""
 
     model: str
-    setups: tuple[str, ...] = ("fast",)
+    setups: tuple[str, ...] = ("auto",)
     device: str = "cpu"
     media: tuple[str, ...] = ()
     image_size: int = 448
@@ -69,8 +69,9 @@ def run(job: BenchJob) -> list[BenchResult]:
             points = []
             for value in job.sweep:
                 msgs, o = _messages(job, Path(tmp), value)
-                r = bench_setup(f"{loads[len(job.setups) - 1][0]}@{value}", loads[len(job.setups) - 1][1], msgs,
-                                runs=job.runs, warmup=job.warmup, new_tokens=1, media_options=o, on_step=bar.describe)
+                r = bench_setup(f"auto@{value}", lambda: api.load(job.model, device=job.device, **SETUPS["auto"]),
+                                msgs, runs=job.runs, warmup=job.warmup, new_tokens=1, media_options=o,
+                                on_step=bar.describe)
                 points.append((value, r.ttft_s))
             sweep["frames" if job.frames else "image size"] = points
     bandwidth = measure_read_bandwidth()

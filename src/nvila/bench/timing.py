@@ -33,7 +33,9 @@ from nvila.generate import decode_step, left_pad, prefill
 SETUPS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32", "fast": False},        # the reference's arithmetic, eager
     "bf16": {"dtype": "bfloat16", "fast": False},       # plain bf16, eager
-    "fast": {"dtype": "bfloat16", "fast": True},        # our CPU fast path (bf16 + decode kernels)
+    "fast": {"dtype": "bfloat16", "fast": True},        # our bf16 CPU fast path (bf16 + decode kernels)
+    "fp32-w16": {"dtype": "float32", "fast": True},     # float32 math on the 16-bit stored weights (lossless)
+    "auto": {"dtype": "auto"},                          # what nvila.load picks on this machine
 }
 
 
@@ -93,9 +95,10 @@ def _peak_rss() -> int:
 
 
 def _tensor_bytes(module: torch.nn.Module, skip: torch.Tensor | None = None) -> int:
-    """Bytes of a module's parameters and buffers (quantized layers keep their weights as buffers)."""
+    """Bytes of a module's parameters and buffers (quantized layers keep their weights as buffers) and of
+    packed weights (``packed_bytes`` of :class:`~nvila.model.mixed.PackedFp16Linear`)."""
     seen: set[int] = set()
-    total = 0
+    total = sum(getattr(m, "packed_bytes", 0) for m in module.modules())
     for t in (*module.parameters(), *module.buffers()):
         if t is skip or id(t) in seen:
             continue
@@ -109,7 +112,7 @@ def _decode_weight_bytes(llm: torch.nn.Module) -> int:
     emb = llm.get_input_embeddings().weight
     head = llm.get_output_embeddings()
     total = _tensor_bytes(llm, skip=emb)
-    if head is not None and head.weight is emb:
+    if head is not None and getattr(head, "weight", None) is emb:
         total += emb.numel() * emb.element_size()
     return total
 

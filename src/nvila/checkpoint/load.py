@@ -20,7 +20,7 @@ from torch import nn
 from nvila.base.errors import CheckpointError
 from nvila.base.files import read_json
 from nvila.checkpoint.quant import apply_quant_config
-from nvila.checkpoint.weights import PartRecord, load_weights, weight_files
+from nvila.checkpoint.weights import PartRecord, load_weights, stored_float_dtype, weight_files
 from nvila.formats.config import NvilaConfig
 from nvila.formats.layout import CONFIG, PARTS, PREPROCESSOR, QUANT_CONFIG
 from nvila.model.nvila import NvilaModel
@@ -109,8 +109,13 @@ def _build(cls: Any, config: Any, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Checkpoint:
-    """Load an official-layout NVILA checkpoint (local folder or Hub id)."""
+def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    keep_16bit: bool = False) -> Checkpoint:
+    """Load an official-layout NVILA checkpoint (local folder or Hub id) with its modules in ``dtype``.
+
+    ``keep_16bit``: a part whose weights are all stored in bf16 (or fp16) is built in that dtype instead,
+    so no float32 copy of it is ever made (for :func:`nvila.model.mixed.fp32_math_on_16bit_weights`).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     root = resolve(path_or_id)
@@ -137,13 +142,15 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
         raise CheckpointError(f"cannot parse a sub-folder config in {root}: {e}") from e
     vcfg._attn_implementation = lcfg._attn_implementation = "sdpa"
     records: dict[str, PartRecord] = {"": root_record}
-    vision_model = _build(classes[arch], vcfg, dtype)
+    dtypes = {part: _part_dtype(root / part, dtype, keep_16bit) for part in PARTS}
+    vision_model = _build(classes[arch], vcfg, dtypes["vision_tower"])
     _quantized_skeleton(vision_model, "vision_tower", quant)
     records["vision_tower"] = load_weights(vision_model, root / "vision_tower", "vision_tower")
-    projector = _build(lambda c: Projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm_hidden_size), None, dtype)
+    projector = _build(lambda c: Projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm_hidden_size), None,
+                       dtypes["mm_projector"])
     _quantized_skeleton(projector, "mm_projector", quant)
     records["mm_projector"] = load_weights(projector, root / "mm_projector", "mm_projector")
-    llm = _build(AutoModelForCausalLM, lcfg, dtype)
+    llm = _build(AutoModelForCausalLM, lcfg, dtypes["llm"])
     _quantized_skeleton(llm, "llm", quant)
     records["llm"] = load_weights(llm, root / "llm", "llm")
 
@@ -152,6 +159,11 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     vision = VisionTower(vision_model, cfg.select_layer, cfg.select_feature)
     model = NvilaModel(cfg, vision, projector, llm, media_ids, end_ids).eval().to(device)
     return Checkpoint(model, tokenizer, template, stop_ids, root, records)
+
+
+def _part_dtype(folder: Path, dtype: torch.dtype, keep_16bit: bool) -> torch.dtype:
+    stored = stored_float_dtype(folder) if keep_16bit else None
+    return stored if stored in (torch.bfloat16, torch.float16) else dtype
 
 
 def _quantized_skeleton(module: nn.Module, part: str, quant: dict[str, Any] | None) -> None:
@@ -201,7 +213,8 @@ def _grow_embeddings(llm: nn.Module, new_rows: int) -> int:
     """Append mean rows to the input embeddings (and an untied LM head) up to ``new_rows``.
 
     Returns the number of rows stored on disk. The reference resizes with "mean resizing" (mean of the
-    old rows plus a negligible random term); we append the exact mean.
+    old rows plus a negligible random term); we append the exact mean. A 16-bit head cannot hold it exactly,
+    so it also keeps the float32 rows as ``float_tail`` (not saved) for float32 math on 16-bit weights.
     """
     emb = llm.get_input_embeddings().weight
     old = emb.shape[0]
@@ -216,4 +229,8 @@ def _grow_embeddings(llm: nn.Module, new_rows: int) -> int:
         llm.get_input_embeddings().weight[old:] = mean_in
         if mean_out is not None:
             llm.get_output_embeddings().weight[old:] = mean_out
+    head = llm.get_output_embeddings()
+    if head is not None and head.weight.dtype != torch.float32:
+        tail = (mean_in if mean_out is None else mean_out).expand(new_rows - old, -1).clone()
+        head.register_buffer("float_tail", tail, persistent=False)
     return old

@@ -21,6 +21,7 @@ from nvila.formats.layout import SHARD_INDEX, SINGLE_WEIGHTS, WEIGHT_SUFFIXES, k
 
 # Integer dtypes of quantized tensors -> their safetensors names (a float file tensor must not fill them).
 INT_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 MAX_SHARD_BYTES = 5 * 1024**3
 REOPEN_BYTES = 256 * 1024**2
 
@@ -50,6 +51,19 @@ def weight_files(folder: Path) -> list[Path]:
     if not files and any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder} has only PyTorch .bin weights; nvila reads safetensors only")
     return files
+
+
+def stored_float_dtype(folder: Path) -> torch.dtype | None:
+    """The one floating dtype every floating tensor of a part is stored in (None: mixed, or none at all)."""
+    names = set()
+    try:
+        for file in weight_files(folder):
+            with safe_open(str(file), framework="pt") as f:
+                names |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"weights in {folder} are not readable safetensors: {e}") from e
+    floats = names & set(FLOAT_DTYPES)
+    return FLOAT_DTYPES[floats.pop()] if len(floats) == 1 else None
 
 
 def non_weight_files(folder: Path) -> dict[str, bytes]:

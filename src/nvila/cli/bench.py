@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=448, help="side of the synthetic image (default 448)")
     p.add_argument("--frames", type=int, default=None, help="use a synthetic video of N frames instead")
     p.add_argument("--text", default="Describe this in detail.")
-    p.add_argument("--setup", default="fast", help="setup to measure: fp32 | bf16 | fast (default fast)")
+    p.add_argument("--setup", default="auto", help="setup to measure: auto (what nvila.load picks here; default) | "
+                   "fp32 | bf16 | fast | fp32-w16")
     p.add_argument("--compare", default=None, metavar="A,B", help="measure setups side by side, e.g. fp32,fast")
     p.add_argument("--quantized", default=None, metavar="DIR",
                    help="also measure this quantized checkpoint (nvila quantize of --model), after the setups")
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the medians as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots")
     p.add_argument("--sweep", default=None, metavar="V1,V2,..",
-                   help="also measure time to first token vs image sizes (or frame counts with --frames)")
+                   help="also measure time to first token of the auto setup vs image sizes (or frame counts with "
+                   "--frames)")
 
 
 def run(args: argparse.Namespace) -> int:

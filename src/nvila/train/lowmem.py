@@ -5,31 +5,16 @@ copy: storing them in bf16 halves the model's memory. Each frozen linear / embed
 swap, parameter names kept) for one that upcasts its weight on the fly, so the arithmetic stays float32
 (the result equals a float32 model whose frozen weights were rounded to bf16 once). With gradient
 checkpointing the upcast copies live for one layer at a time. CPU bf16 GEMMs are avoided on purpose:
-their backward is far slower than float32's on CPUs (see nvila.train.trainer._precision).
+their backward is far slower than float32's on CPUs (see nvila.train.trainer._precision). The swapped
+modules are the inference ones of :mod:`nvila.model.mixed`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class UpcastLinear(nn.Linear):
-    """A frozen linear stored in low precision, computed in its input's dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
-
-
-class UpcastEmbedding(nn.Embedding):
-    """A frozen embedding stored in low precision; looked-up rows come back in ``compute_dtype``."""
-
-    compute_dtype: torch.dtype = torch.float32
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).to(self.compute_dtype)
+from nvila.model.mixed import UpcastEmbedding, UpcastLinear
 
 
 def store_frozen_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

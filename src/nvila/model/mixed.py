@@ -1,0 +1,158 @@
+"""16-bit weights, float32 math: module swaps for checkpoints stored in bf16 (the released ones are).
+
+Float32 arithmetic on bf16 weights loses nothing against the float32 reference, while the weights take half
+the memory and half the bytes per decoded token. Three swaps, applied by :func:`fp32_math_on_16bit_weights`:
+
+    PackedFp16Linear   FBGEMM's fp16 GEMM (``quantized.linear_dynamic_fp16``): the weight packed as fp16,
+                       float32 activations and accumulation. bf16 -> fp16 is exact for |w| >= 2^-17; the
+                       few smaller weights (fp16 subnormals) are kept aside in bf16 so that ``state_dict``
+                       gives back the exact stored weight (the product uses their fp16 value: < 2^-25 off)
+    UpcastLinear       a 16-bit weight upcast per call (where fp16 cannot hold it: |w| > 65504, or no FBGEMM)
+    UpcastEmbedding    a 16-bit table whose looked-up rows come back in float32
+
+Parameter names are unchanged: a swapped model saves the same tensors it loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP16_MAX = 65504.0
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class UpcastLinear(nn.Linear):
+    """A linear stored in low precision, computed in its input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class UpcastEmbedding(nn.Embedding):
+    """An embedding stored in low precision; looked-up rows come back in ``compute_dtype``."""
+
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
+def fbgemm_fp16_available() -> bool:
+    return hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class PackedFp16Linear(nn.Module):
+    """``nn.Linear`` whose 16-bit weight lives packed for FBGEMM's fp16 GEMM; float32 in and out.
+
+    Up to ``max_rows`` input rows the fp16 GEMM runs; above, the weight is unpacked to float32 for one
+    ``F.linear`` (a per-CPU rule, :func:`nvila.base.hardware.cpu_rules`).
+    """
+
+    def __init__(self, linear: nn.Linear, max_rows: int) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features, self.max_rows = linear.in_features, linear.out_features, max_rows
+        self.stored_dtype = w.dtype
+        # output rows known exactly only in float32 (an LM head's rows appended at load): kept apart
+        tail = getattr(linear, "float_tail", None)
+        self.register_buffer("float_tail", None if tail is None else tail.float(), persistent=False)
+        if tail is not None:
+            w = w[: w.shape[0] - tail.shape[0]]
+        w32 = w.float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(w32, None)
+        inexact = (w32.half().float() != w32).flatten().nonzero().flatten()          # fp16 subnormals
+        self.register_buffer("_exact_index", inexact, persistent=False)
+        self.register_buffer("_exact_value", w.flatten()[inexact].clone(), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes the packed weight takes (it is not a parameter or buffer)."""
+        return self.in_features * self.out_features * 2
+
+    def weight_float(self) -> torch.Tensor:
+        """(N, K) float32 weight as the fp16 GEMM multiplies it."""
+        return torch.ops.quantized.linear_unpack_fp16(self._packed)[0]
+
+    def stored_weight(self) -> torch.Tensor:
+        """(N, K) weight in the dtype it was loaded in, exactly (the float tail rounded to it)."""
+        w = self.weight_float().to(self.stored_dtype)
+        w.view(-1)[self._exact_index] = self._exact_value
+        return w if self.float_tail is None else torch.cat([w, self.float_tail.to(self.stored_dtype)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).float()
+        if rows.shape[0] <= self.max_rows:
+            y = torch.ops.quantized.linear_dynamic_fp16(rows.contiguous(), self._packed)
+        else:
+            y = F.linear(rows, self.weight_float())
+        if self.float_tail is not None:
+            y = torch.cat([y, F.linear(rows, self.float_tail)], dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.stored_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias.to(self.stored_dtype)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+            return
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(state_dict[prefix + "weight"].to(self.stored_dtype), requires_grad=False)
+        if self.float_tail is not None:
+            linear.float_tail = self.float_tail
+        if self.bias is not None:
+            linear.bias = nn.Parameter(state_dict[prefix + "bias"].float(), requires_grad=False)
+        self.__init__(linear, self.max_rows)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"stored={self.stored_dtype}, max_rows={self.max_rows}")
+
+
+def fp32_math_on_16bit_weights(root: nn.Module, packed_max_rows: int) -> dict[str, int]:
+    """Swap every 16-bit ``nn.Linear`` / ``nn.Embedding`` under ``root`` for its float32-math form, in place,
+    and upcast every other 16-bit parameter and buffer (norms, convolutions, position tables: small).
+
+    Linears take :class:`PackedFp16Linear` where FBGEMM is available and the weight fits fp16, else
+    :class:`UpcastLinear`. A tied LM head gets its own packed copy (the embedding keeps the table).
+    Returns how many modules took each form.
+    """
+    counts = {"packed_fp16": 0, "upcast_linear": 0, "upcast_embedding": 0}
+    packed_ok = fbgemm_fp16_available()
+    for name, module in list(root.named_modules()):
+        if type(module) is nn.Linear and module.weight.dtype in LOW_PRECISION:
+            if packed_ok and float(module.weight.detach().abs().max()) <= FP16_MAX:
+                parent, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent) if parent else root, child,
+                        PackedFp16Linear(module, packed_max_rows))
+                counts["packed_fp16"] += 1
+            else:
+                module.__class__ = UpcastLinear
+                counts["upcast_linear"] += 1
+        elif type(module) is nn.Embedding and module.weight.dtype in LOW_PRECISION:
+            module.__class__ = UpcastEmbedding
+            module.compute_dtype = torch.float32
+            counts["upcast_embedding"] += 1
+    for module in root.modules():
+        if isinstance(module, (UpcastLinear, UpcastEmbedding)):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dtype in LOW_PRECISION:
+                p.data = p.data.float()
+        for key, b in module._buffers.items():
+            if b is not None and b.dtype in LOW_PRECISION and not key.startswith("_exact") and key != "float_tail":
+                module._buffers[key] = b.float()
+    return counts
