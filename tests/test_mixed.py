@@ -66,13 +66,14 @@ def test_float_tail_rows_are_multiplied_in_float32() -> None:
 
 
 def test_conversion_keeps_names_and_upcasts_what_fp16_cannot_hold() -> None:
-    model = nn.ModuleDict({"a": bf16_linear(32, 16), "b": bf16_linear(32, 16), "emb": nn.Embedding(10, 32).bfloat16(),
-                           "norm": nn.LayerNorm(32).bfloat16()})
+    model = nn.ModuleDict({"a": bf16_linear(512, 512), "b": bf16_linear(512, 512), "c": bf16_linear(32, 16),
+                           "emb": nn.Embedding(10, 32).bfloat16(), "norm": nn.LayerNorm(32).bfloat16()})
     model["b"].weight.data[0, 0] = 1e5                                 # beyond fp16's range
     before = {k: v.clone() for k, v in model.state_dict().items()}
     counts = fp32_math_on_16bit_weights(model, 1 << 62)
-    assert counts == {"packed_fp16": 1, "upcast_linear": 1, "upcast_embedding": 1}
+    assert counts == {"packed_fp16": 1, "upcast_linear": 2, "upcast_embedding": 1}
     assert isinstance(model["a"], PackedFp16Linear) and isinstance(model["b"], UpcastLinear)
+    assert isinstance(model["c"], UpcastLinear)                        # too small to be worth packing
     assert isinstance(model["emb"], UpcastEmbedding) and model["emb"](torch.tensor([1])).dtype == torch.float32
     assert model["norm"].weight.dtype == torch.float32
     after = model.state_dict()
@@ -91,8 +92,9 @@ def test_avx2_default_matches_the_reference_fixtures(variant: str, monkeypatch: 
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(AVX2))
     pipe = nvila.load(CHECKPOINTS / variant, device="cpu")
     kinds = {type(m) for m in pipe.model.modules()}
-    assert PackedFp16Linear in kinds and nn.Linear not in kinds
-    assert all(p.dtype == torch.float32 for m in pipe.model.modules() if not isinstance(m, UpcastEmbedding)
+    assert PackedFp16Linear in kinds and nn.Linear not in kinds      # the fixtures' small layers: UpcastLinear
+    low = (UpcastEmbedding, UpcastLinear)
+    assert all(p.dtype == torch.float32 for m in pipe.model.modules() if not isinstance(m, low)
                for p in m.parameters(recurse=False))
     for case, spec in _cases(variant):
         ref = json.loads((OUTPUTS / f"{case}.json").read_text())

@@ -23,6 +23,9 @@ from torch import nn
 
 FP16_MAX = 65504.0
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Smaller weights are upcast per call: FBGEMM splits even a tiny GEMM over its threads, and waking them costs
+# more than the product (milliseconds on a busy machine) while the upcast of so few weights is cheap.
+PACKED_MIN_WEIGHTS = 1 << 18
 
 
 class UpcastLinear(nn.Linear):
@@ -43,7 +46,8 @@ class UpcastEmbedding(nn.Embedding):
 
 
 def fbgemm_fp16_available() -> bool:
-    return hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in torch.backends.quantized.supported_engines
+    engines = torch.backends.quantized.supported_engines
+    return hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in engines
 
 
 class PackedFp16Linear(nn.Module):
@@ -126,15 +130,17 @@ def fp32_math_on_16bit_weights(root: nn.Module, packed_max_rows: int) -> dict[st
     """Swap every 16-bit ``nn.Linear`` / ``nn.Embedding`` under ``root`` for its float32-math form, in place,
     and upcast every other 16-bit parameter and buffer (norms, convolutions, position tables: small).
 
-    Linears take :class:`PackedFp16Linear` where FBGEMM is available and the weight fits fp16, else
-    :class:`UpcastLinear`. A tied LM head gets its own packed copy (the embedding keeps the table).
+    Linears take :class:`PackedFp16Linear` where FBGEMM is available, the weight fits fp16 and has at least
+    :data:`PACKED_MIN_WEIGHTS` elements, else :class:`UpcastLinear`. A tied LM head gets its own packed copy
+    (the embedding keeps the table).
     Returns how many modules took each form.
     """
     counts = {"packed_fp16": 0, "upcast_linear": 0, "upcast_embedding": 0}
     packed_ok = fbgemm_fp16_available()
     for name, module in list(root.named_modules()):
         if type(module) is nn.Linear and module.weight.dtype in LOW_PRECISION:
-            if packed_ok and float(module.weight.detach().abs().max()) <= FP16_MAX:
+            w = module.weight.detach()
+            if packed_ok and w.numel() >= PACKED_MIN_WEIGHTS and float(w.abs().max()) <= FP16_MAX:
                 parent, _, child = name.rpartition(".")
                 setattr(root.get_submodule(parent) if parent else root, child,
                         PackedFp16Linear(module, packed_max_rows))
