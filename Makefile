@@ -133,6 +133,8 @@ prune-replication: $(STAMP)
 	$(PY) recipes/prune/make_pool.py --data data/easy-vqa
 	$(NVILA) prune $(PRUNE_POOL) --small runs/nano/1-align/model --large nvila:nano-base \
 		--large-lora src/nvila/assets/nano/adapter --independent-turns --keep 0.5 --out runs/prune/deltaloss
+	cp runs/prune/deltaloss/summary.json docs/perf/prune/deltaloss-summary.json
+	cp runs/prune/deltaloss/scores.png docs/perf/prune/deltaloss-scores.png
 	$(NVILA) prune $(PRUNE_POOL) --scorer random --keep 0.5 --out runs/prune/random
 	$(NVILA) prune $(PRUNE_POOL) --scorer random --seed 1 --keep 0.5 --out runs/prune/random-seed1
 	test -f runs/prune/student-full/adapter/adapter_config.json || $(NVILA) train --config recipes/prune/student.yaml

@@ -103,6 +103,27 @@ def decode_kernel_wins() -> bool:
     return cpu_rules().decode_mv
 
 
+@functools.cache
+def _libc() -> object | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the process back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed blocks of tens of MB (a model's weights) in the heap; when a model is converted layer by
+    layer into another form, they would otherwise add up to the size of the replaced weights.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 # ---- devices and dtypes ----------------------------------------------------------------------------
 
 

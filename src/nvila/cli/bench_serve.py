@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from nvila.cli.common import add_lora_arg, add_model_args, load_model
 
@@ -41,5 +39,11 @@ def run(args: argparse.Namespace) -> int:
               f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, failures {r['failures']}")
     print(f"throughput ratio: x{result['throughput_ratio']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from nvila.base.files import write_json
+        from nvila.base.provenance import provenance
+
+        write_json(args.json, {**result, "provenance": provenance(model=args.model or "nvila:nano", lora=args.lora,
+                                                                  requests=args.requests,
+                                                                  concurrency=args.concurrency,
+                                                                  max_tokens=args.max_tokens)})
     return 0

@@ -19,7 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from nvila.train.membench import EXAMPLE_DATA, compare
@@ -40,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"full / lora: peak memory x{summary['peak_ratio']:.2f}, memory added by training "
               f"x{summary['training_ratio']:.2f}, step time x{summary['step_ratio']:.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": str(args.model), "results": results, **summary}, indent=2) + "\n")
+        from nvila.base.files import write_json
+        from nvila.base.provenance import provenance
+
+        write_json(args.json, {"model": str(args.model), "results": results, **summary,
+                               "provenance": provenance(model=str(args.model), modes=modes, steps=args.steps,
+                                                        batch_size=args.batch_size)})
     return 0

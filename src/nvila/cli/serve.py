@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder name; nvila-nano without --model)")
     p.add_argument("--allowed-media-dir", default=None, help="local media paths are allowed only inside DIR")
     p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media URLs")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before HTTP 429")
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if allowed is not None and not allowed.is_dir():
         raise NvilaError(f"--allowed-media-dir {allowed} is not a folder")
     pipe = load_model(args)
-    model_id = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    model_id = args.served_model_name or (Path(str(args.model).rstrip("/")).name if args.model else "nvila-nano")
     settings = ServerSettings(model_id=model_id, api_key=args.api_key,
                               media=MediaPolicy(allowed_dir=allowed, allow_remote=args.allow_remote_media))
     app = create_app(pipe, settings, max_queue=args.max_queue, max_batch=args.max_batch)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvila.base.hardware import release_freed_memory
+
 FP16_MAX = 65504.0
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Smaller weights are upcast per call: FBGEMM splits even a tiny GEMM over its threads, and waking them costs
@@ -57,6 +59,8 @@ class PackedFp16Linear(nn.Module):
     ``F.linear`` (a per-CPU rule, :func:`nvila.base.hardware.cpu_rules`).
     """
 
+    BLOCK_WEIGHTS = 1 << 24   # weights packed per FBGEMM matrix: bounds the float32 copy packing needs
+
     def __init__(self, linear: nn.Linear, max_rows: int) -> None:
         super().__init__()
         w = linear.weight.detach()
@@ -67,11 +71,19 @@ class PackedFp16Linear(nn.Module):
         self.register_buffer("float_tail", None if tail is None else tail.float(), persistent=False)
         if tail is not None:
             w = w[: w.shape[0] - tail.shape[0]]
-        w32 = w.float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(w32, None)
-        inexact = (w32.half().float() != w32).flatten().nonzero().flatten()          # fp16 subnormals
-        self.register_buffer("_exact_index", inexact, persistent=False)
-        self.register_buffer("_exact_value", w.flatten()[inexact].clone(), persistent=False)
+        # a large weight (an LM head) is packed in row blocks, so packing never holds a float32 copy of it
+        step = max(1, self.BLOCK_WEIGHTS // self.in_features)
+        self._packed, inexact = [], []
+        for start in range(0, w.shape[0], step):
+            block = w[start : start + step].float()
+            self._packed.append(torch.ops.quantized.linear_prepack_fp16(block, None))
+            lost = (block.half().float() != block).flatten().nonzero().flatten()        # fp16 subnormals
+            inexact.append(lost + start * self.in_features)
+            del block
+            release_freed_memory()
+        index = torch.cat(inexact)
+        self.register_buffer("_exact_index", index, persistent=False)
+        self.register_buffer("_exact_value", w.flatten()[index].clone(), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
 
@@ -81,8 +93,8 @@ class PackedFp16Linear(nn.Module):
         return self.in_features * self.out_features * 2
 
     def weight_float(self) -> torch.Tensor:
-        """(N, K) float32 weight as the fp16 GEMM multiplies it."""
-        return torch.ops.quantized.linear_unpack_fp16(self._packed)[0]
+        """(N, K) float32 weight as the fp16 GEMM multiplies it (the float tail excluded)."""
+        return torch.cat([torch.ops.quantized.linear_unpack_fp16(p)[0] for p in self._packed])
 
     def stored_weight(self) -> torch.Tensor:
         """(N, K) weight in the dtype it was loaded in, exactly (the float tail rounded to it)."""
@@ -94,11 +106,13 @@ class PackedFp16Linear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, self.in_features).float()
         if rows.shape[0] <= self.max_rows:
-            y = torch.ops.quantized.linear_dynamic_fp16(rows.contiguous(), self._packed)
+            rows = rows.contiguous()
+            parts = [torch.ops.quantized.linear_dynamic_fp16(rows, p) for p in self._packed]
         else:
-            y = F.linear(rows, self.weight_float())
+            parts = [F.linear(rows, self.weight_float())]
         if self.float_tail is not None:
-            y = torch.cat([y, F.linear(rows, self.float_tail)], dim=-1)
+            parts.append(F.linear(rows, self.float_tail))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -137,21 +151,26 @@ def fp32_math_on_16bit_weights(root: nn.Module, packed_max_rows: int) -> dict[st
     """
     counts = {"packed_fp16": 0, "upcast_linear": 0, "upcast_embedding": 0}
     packed_ok = fbgemm_fp16_available()
-    for name, module in list(root.named_modules()):
-        if type(module) is nn.Linear and module.weight.dtype in LOW_PRECISION:
-            w = module.weight.detach()
-            if packed_ok and w.numel() >= PACKED_MIN_WEIGHTS and float(w.abs().max()) <= FP16_MAX:
-                parent, _, child = name.rpartition(".")
-                setattr(root.get_submodule(parent) if parent else root, child,
-                        PackedFp16Linear(module, packed_max_rows))
-                counts["packed_fp16"] += 1
-            else:
-                module.__class__ = UpcastLinear
-                counts["upcast_linear"] += 1
-        elif type(module) is nn.Embedding and module.weight.dtype in LOW_PRECISION:
+    # names only: holding the modules would keep every replaced 16-bit weight alive until the end
+    for name in [n for n, m in root.named_modules() if type(m) in (nn.Linear, nn.Embedding)]:
+        module = root.get_submodule(name)
+        if module.weight.dtype not in LOW_PRECISION:
+            continue
+        if isinstance(module, nn.Embedding):
             module.__class__ = UpcastEmbedding
             module.compute_dtype = torch.float32
             counts["upcast_embedding"] += 1
+            continue
+        w = module.weight.detach()
+        if packed_ok and w.numel() >= PACKED_MIN_WEIGHTS and max(float(w.max()), -float(w.min())) <= FP16_MAX:
+            parent, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, child, PackedFp16Linear(module, packed_max_rows))
+            counts["packed_fp16"] += 1
+        else:
+            module.__class__ = UpcastLinear
+            counts["upcast_linear"] += 1
+        del module, w
+        release_freed_memory()          # the replaced weight's memory, before the next layer is packed
     for module in root.modules():
         if isinstance(module, (UpcastLinear, UpcastEmbedding)):
             continue
