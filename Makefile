@@ -176,3 +176,39 @@ train-example: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# SGLang compatibility of `nvila convert --to hf`, on the CPU (scripts/sglang_check.py; no GPU needed): random
+# checkpoints with NVILA-Lite-2B's and NVILA-8B's real widths and 2 layers are written and converted; SGLang's own
+# model classes load them strictly (every tensor placed, every parameter written); SGLang's chat-template handling
+# must keep the image of an OpenAI-style message; and SGLang's request path (its NVILAMultimodalProcessor, then the
+# model's get_image_feature, float32) must give the visual tokens nvila gives on three photos of different aspect
+# ratios (Dynamic-S2 grids 2x6, 6x2, 3x3). SGLang lives in its own venv (~11 GB; SGLANG_PY=/path/to/python reuses
+# one that has sglang==0.5.23). Writes docs/perf/sglang-check.json; fails if any check fails.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PY   ?= $(SGLANG_VENV)/bin/python
+SGLANG_DIR  ?= build/sglang-check
+SGLANG_PRESETS ?= nvila-lite-2b nvila-8b
+SGLANG_IMAGES  := $(FIXTURE)/media/china_1000x250.png $(FIXTURE)/media/flower_300x900.png $(FIXTURE)/media/hopper_278x278.png
+SGLANG_INSTALL = test -x $(SGLANG_PY) || ($(PYTHON) -m venv $(SGLANG_VENV) && $(SGLANG_VENV)/bin/pip install sglang==0.5.23)
+
+.PHONY: sglang-check gpu-check
+sglang-check: $(STAMP)
+	$(SGLANG_INSTALL)
+	for p in $(SGLANG_PRESETS); do \
+		test -f $(SGLANG_DIR)/$$p/config.json || $(NVILA) random-checkpoint --preset $$p --layers 2 --out $(SGLANG_DIR)/$$p || exit 1; \
+		$(NVILA) convert $(SGLANG_DIR)/$$p $(SGLANG_DIR)/$$p-hf --to hf --replace || exit 1; \
+		$(PY) scripts/sglang_check.py --make-golden $(SGLANG_DIR)/$$p --features $(SGLANG_IMAGES) \
+			--golden $(SGLANG_DIR)/$$p-golden.npz || exit 1; \
+		$(SGLANG_PY) scripts/sglang_check.py $(SGLANG_DIR)/$$p-hf --preset $$p --features $(SGLANG_IMAGES) \
+			--golden $(SGLANG_DIR)/$$p-golden.npz > $(SGLANG_DIR)/$$p.json || true; \
+	done
+	@# a failed check is in its JSON: --write-report records it and exits 1
+	$(PY) scripts/sglang_check.py --write-report docs/perf/sglang-check.json $(SGLANG_PRESETS:%=$(SGLANG_DIR)/%.json)
+
+# On a machine with an NVIDIA GPU: MODEL (a llava-layout or "-hf" folder, or a Hub id) converted to "-hf" if needed,
+# served by `python -m sglang.launch_server`, and asked about one image through the OpenAI client; the answer is
+# printed, and the prompt's token count must be the processor's (scripts/gpu_check.py; --dry-run prints the commands).
+MODEL ?= Efficient-Large-Model/NVILA-Lite-2B
+gpu-check: $(STAMP)
+	$(SGLANG_INSTALL)
+	$(PY) scripts/gpu_check.py --model $(MODEL) --sglang-python $(SGLANG_PY) --work-dir build/gpu-check

@@ -18,12 +18,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # (layer, rooms): bottom to top. docs/architecture.md shows the same table with what each module does.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("nvila.base",)),
+    ("base", ("nvila.base", "nvila.hf_remote")),
     ("formats", ("nvila.formats",)),
     ("media and processing | model", ("nvila.processing", "nvila.model")),
     ("generation", ("nvila.generate",)),
     ("checkpoint", ("nvila.checkpoint",)),
-    ("api", ("nvila.api", "nvila")),
+    ("api", ("nvila.api", "nvila", "nvila.hf")),
     ("builders", ("nvila.builders",)),
     ("training", ("nvila.train",)),
     ("tools", ("nvila.quant", "nvila.prune", "nvila.eval", "nvila.bench", "nvila.serve")),

@@ -9,6 +9,7 @@ checkpoint: the linears it lists are swapped for quantized modules before the st
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ import torch
 from torch import nn
 
 from nvila.base.errors import CheckpointError
-from nvila.base.files import read_json
+from nvila.base.files import json_bytes, read_json
 from nvila.checkpoint.quant import apply_quant_config
-from nvila.checkpoint.weights import PartRecord, load_weights, stored_float_dtype, weight_files
+from nvila.checkpoint.weights import (PartRecord, PartSource, load_weights, non_weight_files, stored_float_dtype,
+                                     weight_files)
 from nvila.formats.config import NvilaConfig
-from nvila.formats.layout import CONFIG, PARTS, PREPROCESSOR, QUANT_CONFIG
+from nvila.formats.hf import HF_ONLY_FILES, HF_PREFIX, HF_TYPES, folder_layout, llava_configs
+from nvila.formats.layout import CONFIG, PARTS, PREPROCESSOR, QUANT_CONFIG, WEIGHT_SUFFIXES
 from nvila.model.nvila import NvilaModel
 from nvila.model.projector import Projector
 from nvila.model.vision import VisionTower
@@ -52,26 +55,76 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         ) from None
 
 
-def check_layout(root: Path) -> None:
-    """Raise CheckpointError naming every missing piece of the official layout."""
-    problems = []
-    if not (root / CONFIG).is_file():
-        problems.append(CONFIG)
-    for part in PARTS:
-        d = root / part
-        if not d.is_dir():
-            problems.append(f"{part}/")
-            continue
-        if not (d / CONFIG).is_file():
-            problems.append(f"{part}/{CONFIG}")
-        if not weight_files(d):
-            problems.append(f"{part}/model.safetensors")
+def check_layout(root: Path) -> str:
+    """The folder's layout (``"llava"`` or ``"hf"``); raise CheckpointError naming every missing piece."""
+    layout = folder_layout(root)
+    if layout == "hf":
+        problems = [] if weight_files(root) else ["model*.safetensors at the folder root"]
+        if (root / QUANT_CONFIG).is_file():
+            raise CheckpointError(f"{root} is an '-hf' folder with a {QUANT_CONFIG}; nvila reads quantized "
+                                  "checkpoints in the llava layout only (as `nvila quantize` writes them)")
+    else:
+        problems = [] if (root / CONFIG).is_file() else [CONFIG]
+        for part in PARTS:
+            d = root / part
+            if not d.is_dir():
+                problems.append(f"{part}/")
+                continue
+            if not (d / CONFIG).is_file():
+                problems.append(f"{part}/{CONFIG}")
+            if not weight_files(d):
+                problems.append(f"{part}/model.safetensors")
     if problems:
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:12] if root.is_dir() else []
         raise CheckpointError(
-            f"{root} is not an NVILA checkpoint folder: missing {', '.join(problems)} "
-            "(expected config.json + llm/, vision_tower/, mm_projector/ sub-folders with config.json and "
-            "*.safetensors each)"
+            f"{root} is not an NVILA checkpoint folder: missing {', '.join(problems)} (expected either the llava "
+            "layout of the released NVILA checkpoints: config.json + llm/, vision_tower/, mm_projector/ sub-folders "
+            "with config.json and *.safetensors each; or the '-hf' layout: a config.json with model_type "
+            f"{' or '.join(sorted(HF_TYPES))} and *.safetensors at the root; found: {', '.join(found) or 'nothing'})"
         )
+    return layout or "llava"
+
+
+@dataclass
+class Folder:
+    """A checkpoint folder read as the llava layout, whichever layout it has on disk: the configs, the
+    non-weight files of every part (written back verbatim by a save) and where each part's tensors are."""
+
+    layout: str
+    configs: dict[str, dict[str, Any]]             # "" (top level) and each part
+    files: dict[str, dict[str, bytes]]             # "" (top level) and each part, llava names
+    sources: dict[str, PartSource]
+    tokenizer_dir: Path
+
+
+def read_folder(root: Path) -> Folder:
+    """Read a checkpoint folder's configs and files (no tensors) in either layout."""
+    layout = check_layout(root)
+    if layout == "hf":
+        return _read_hf(root)
+    top = {CONFIG: (root / CONFIG).read_bytes()}
+    if (root / QUANT_CONFIG).is_file():
+        read_json(root / QUANT_CONFIG)                               # a broken file is named here
+        top[QUANT_CONFIG] = (root / QUANT_CONFIG).read_bytes()
+    if (root / "vision_tower" / PREPROCESSOR).is_file():
+        read_json(root / "vision_tower" / PREPROCESSOR)
+    files = {"": top} | {part: non_weight_files(root / part) for part in PARTS}
+    configs = {"": read_json(root / CONFIG)} | {part: read_json(root / part / CONFIG) for part in PARTS}
+    return Folder(layout, configs, files, {part: PartSource.of(root / part) for part in PARTS}, root / "llm")
+
+
+def _read_hf(root: Path) -> Folder:
+    configs = llava_configs(read_json(root / CONFIG))
+    files: dict[str, dict[str, bytes]] = {part: {CONFIG: json_bytes(configs[part])} for part in PARTS}
+    files[""] = {CONFIG: json_bytes(configs[""])}
+    for p in sorted(root.iterdir()):
+        if not p.is_file() or p.name.endswith(WEIGHT_SUFFIXES) or p.name in HF_ONLY_FILES or p.suffix == ".py":
+            continue
+        if p.name == PREPROCESSOR:
+            read_json(p)                                             # a broken file is named here
+        files["vision_tower" if p.name == PREPROCESSOR else "llm"][p.name] = p.read_bytes()
+    sources = {part: PartSource.of(root, HF_PREFIX[part]) for part in PARTS}
+    return Folder("hf", configs, files, sources, root)
 
 
 @dataclass
@@ -116,53 +169,61 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     ``keep_16bit``: a part whose weights are all stored in bf16 (or fp16) is built in that dtype instead,
     so no float32 copy of it is ever made (for :func:`nvila.model.mixed.fp32_math_on_16bit_weights`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     root = resolve(path_or_id)
-    check_layout(root)
-    raw = read_json(root / CONFIG)
-    root_record = PartRecord(files={CONFIG: (root / CONFIG).read_bytes()})
-    quant = None
-    if (root / QUANT_CONFIG).is_file():
-        quant = read_json(root / QUANT_CONFIG)
-        root_record.files[QUANT_CONFIG] = (root / QUANT_CONFIG).read_bytes()
-    sub = {part: read_json(root / part / CONFIG) for part in PARTS}
-    pre_path = root / "vision_tower" / PREPROCESSOR
-    pre = read_json(pre_path) if pre_path.is_file() else None
-    cfg = NvilaConfig.from_official(raw, sub["vision_tower"], sub["mm_projector"], sub["llm"], pre)
+    folder = read_folder(root)
+    sub = folder.configs
+    quant = json.loads(folder.files[""][QUANT_CONFIG]) if QUANT_CONFIG in folder.files[""] else None
+    cfg = folder_config(folder)
 
     arch = (sub["vision_tower"].get("architectures") or ["SiglipVisionModel"])[0]
     classes = vision_classes()
     if arch not in classes:
         raise CheckpointError(f"vision tower architecture {arch!r} is not supported (known: {sorted(classes)})")
-    try:
-        vcfg = AutoConfig.from_pretrained(root / "vision_tower")
-        lcfg = AutoConfig.from_pretrained(root / "llm")
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot parse a sub-folder config in {root}: {e}") from e
+    vcfg, lcfg = transformers_config(folder, "vision_tower"), transformers_config(folder, "llm")
     vcfg._attn_implementation = lcfg._attn_implementation = "sdpa"
-    records: dict[str, PartRecord] = {"": root_record}
-    dtypes = {part: _part_dtype(root / part, dtype, keep_16bit) for part in PARTS}
+    records: dict[str, PartRecord] = {"": PartRecord(files=folder.files[""])}
+    dtypes = {part: _part_dtype(folder.sources[part], dtype, keep_16bit) for part in PARTS}
     vision_model = _build(classes[arch], vcfg, dtypes["vision_tower"])
-    _quantized_skeleton(vision_model, "vision_tower", quant)
-    records["vision_tower"] = load_weights(vision_model, root / "vision_tower", "vision_tower")
     projector = _build(lambda c: Projector(cfg.projector_type, cfg.mm_hidden_size, cfg.llm_hidden_size), None,
                        dtypes["mm_projector"])
-    _quantized_skeleton(projector, "mm_projector", quant)
-    records["mm_projector"] = load_weights(projector, root / "mm_projector", "mm_projector")
     llm = _build(AutoModelForCausalLM, lcfg, dtypes["llm"])
-    _quantized_skeleton(llm, "llm", quant)
-    records["llm"] = load_weights(llm, root / "llm", "llm")
+    for part, module in (("vision_tower", vision_model), ("mm_projector", projector), ("llm", llm)):
+        _quantized_skeleton(module, part, quant)
+        records[part] = load_weights(module, folder.sources[part], part)
+        records[part].files = folder.files[part]
 
-    tokenizer, template, stop_ids, media_ids, end_ids = _load_tokenizer(root / "llm", cfg.chat_template)
+    tokenizer, template, stop_ids, media_ids, end_ids = load_tokenizer(folder.tokenizer_dir, cfg.chat_template, lcfg)
     records["llm"].vocab_rows = _grow_embeddings(llm, len(tokenizer))
     vision = VisionTower(vision_model, cfg.select_layer, cfg.select_feature)
     model = NvilaModel(cfg, vision, projector, llm, media_ids, end_ids).eval().to(device)
     return Checkpoint(model, tokenizer, template, stop_ids, root, records)
 
 
-def _part_dtype(folder: Path, dtype: torch.dtype, keep_16bit: bool) -> torch.dtype:
-    stored = stored_float_dtype(folder) if keep_16bit else None
+def folder_config(folder: Folder) -> NvilaConfig:
+    """The typed configuration of a checkpoint folder (no tensors read)."""
+    pre_bytes = folder.files["vision_tower"].get(PREPROCESSOR)
+    pre = json.loads(pre_bytes) if pre_bytes is not None else None
+    sub = folder.configs
+    return NvilaConfig.from_official(sub[""], sub["vision_tower"], sub["mm_projector"], sub["llm"], pre)
+
+
+def transformers_config(folder: Folder, part: str) -> Any:
+    """The transformers config object of a part (read from its sub-folder, or from the "-hf" config's dict)."""
+    from transformers import AutoConfig
+
+    try:
+        if folder.layout == "llava":
+            return AutoConfig.from_pretrained(folder.sources[part].folder)
+        d = dict(folder.configs[part])
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot parse the {part} config of {folder.sources[part].folder}: {e}") from e
+
+
+def _part_dtype(source: PartSource, dtype: torch.dtype, keep_16bit: bool) -> torch.dtype:
+    stored = stored_float_dtype(source) if keep_16bit else None
     return stored if stored in (torch.bfloat16, torch.float16) else dtype
 
 
@@ -172,13 +233,15 @@ def _quantized_skeleton(module: nn.Module, part: str, quant: dict[str, Any] | No
         apply_quant_config(module, part, quant)
 
 
-def _load_tokenizer(folder: Path, name: str | None) -> tuple[Any, str, list[int], dict[str, int], list[int]]:
+def load_tokenizer(folder: Path, name: str | None, config: Any = None
+                   ) -> tuple[Any, str, list[int], dict[str, int], list[int]]:
     """Tokenizer with the media tokens appended, chat template (built-in ``name`` or the tokenizer's own),
-    stop ids, media ids, "\\n" ids."""
+    stop ids, media ids, "\\n" ids. ``config``: the LLM's config object (spares transformers reading the
+    folder's config.json, which in an "-hf" folder is not a tokenizer's model config)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(folder, use_fast=True, config=config)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from e
     for token in MEDIA_SPECIAL_TOKENS:  # one at a time: ids follow the saved vocabulary in this order

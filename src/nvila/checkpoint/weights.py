@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,15 +54,35 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def stored_float_dtype(folder: Path) -> torch.dtype | None:
+@dataclass(frozen=True)
+class PartSource:
+    """Where one part's tensors are: safetensors ``files`` whose keys are ``prefix`` + the llava key (the
+    llava layout: the part's own sub-folder, no prefix; "-hf": the root's files, shared by all parts, with
+    the part's prefix). ``folder`` is what error messages name."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    prefix: str = ""
+
+    @classmethod
+    def of(cls, folder: Path, prefix: str = "") -> "PartSource":
+        return cls(folder, tuple(weight_files(folder)), prefix)
+
+    def keys(self, f: Any) -> list[tuple[str, str]]:
+        """(file key, llava key) of the part's tensors in an open safetensors file."""
+        n = len(self.prefix)
+        return [(k, k[n:]) for k in f.keys() if k.startswith(self.prefix)]
+
+
+def stored_float_dtype(source: PartSource) -> torch.dtype | None:
     """The one floating dtype every floating tensor of a part is stored in (None: mixed, or none at all)."""
     names = set()
     try:
-        for file in weight_files(folder):
+        for file in source.files:
             with safe_open(str(file), framework="pt") as f:
-                names |= {f.get_slice(k).get_dtype() for k in f.keys()}
+                names |= {f.get_slice(k).get_dtype() for k, _ in source.keys(f)}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"weights in {folder} are not readable safetensors: {e}") from e
+        raise CheckpointError(f"weights in {source.folder} are not readable safetensors: {e}") from e
     floats = names & set(FLOAT_DTYPES)
     return FLOAT_DTYPES[floats.pop()] if len(floats) == 1 else None
 
@@ -75,7 +96,7 @@ def non_weight_files(folder: Path) -> dict[str, bytes]:
     }
 
 
-def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
+def load_weights(module: nn.Module, source: PartSource, part: str) -> PartRecord:
     """Copy a part's safetensors into ``module`` (strictly) and record stored dtypes.
 
     Two passes: shapes are checked from the headers first, then tensors are copied one at a time, so
@@ -83,36 +104,37 @@ def load_weights(module: nn.Module, folder: Path, part: str) -> PartRecord:
     """
     expected = module.state_dict()
     src_prefix, dst_prefix = key_prefix(module, part)
-    record = PartRecord(files=non_weight_files(folder))
+    record = PartRecord()
     where: dict[str, tuple[Path, str]] = {}
     bad_shapes, bad_dtypes, unexpected = [], [], []
-    files = weight_files(folder)
     try:
-        for file in files:
+        for file in source.files:
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
+                for stored, key in source.keys(f):
                     name = dst_prefix + key[len(src_prefix):] if key.startswith(src_prefix) else None
                     if name is None or name not in expected:
-                        unexpected.append(key)
+                        unexpected.append(stored)
                         continue
-                    info = f.get_slice(key)
+                    info = f.get_slice(stored)
                     shape, want = tuple(info.get_shape()), expected[name]
                     if shape != tuple(want.shape):
-                        bad_shapes.append(f"{key}: file {shape} vs model {tuple(want.shape)}")
+                        bad_shapes.append(f"{stored}: file {shape} vs model {tuple(want.shape)}")
                     if want.dtype in INT_DTYPES and info.get_dtype() != INT_DTYPES[want.dtype]:
-                        bad_dtypes.append(f"{key}: file {info.get_dtype()} vs model {INT_DTYPES[want.dtype]}")
-                    where[name] = (file, key)
-        missing = [k for k in expected if k not in where and not _is_tied(module, k)]
-        _raise_mismatch(folder, part, missing, unexpected, bad_shapes, bad_dtypes)
+                        bad_dtypes.append(f"{stored}: file {info.get_dtype()} vs model {INT_DTYPES[want.dtype]}")
+                    where[name] = (file, stored)
+        missing = [source.prefix + k for k in expected if k not in where and not _is_tied(module, k)]
+        _raise_mismatch(source.folder, part, missing, unexpected, bad_shapes, bad_dtypes)
         with torch.no_grad():
-            for file in files:
-                _copy_from(file, [(n, k) for n, (src, k) in where.items() if src == file], expected, record)
+            for file in source.files:
+                _copy_from(file, [(n, k) for n, (src, k) in where.items() if src == file], expected, record,
+                           len(source.prefix))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"weights in {folder} are not readable safetensors: {e}") from e
+        raise CheckpointError(f"weights in {source.folder} are not readable safetensors: {e}") from e
     return record
 
 
-def _copy_from(file: Path, items: list[tuple[str, str]], params: dict[str, torch.Tensor], record: PartRecord) -> None:
+def _copy_from(file: Path, items: list[tuple[str, str]], params: dict[str, torch.Tensor], record: PartRecord,
+               strip: int = 0) -> None:
     """Copy tensors out of one safetensors file.
 
     The file is memory-mapped, and mapped pages count towards the process's resident memory until the
@@ -125,7 +147,7 @@ def _copy_from(file: Path, items: list[tuple[str, str]], params: dict[str, torch
             while done < len(items) and copied < REOPEN_BYTES:
                 name, key = items[done]
                 t = f.get_tensor(key)
-                record.dtypes[key] = t.dtype
+                record.dtypes[key[strip:]] = t.dtype
                 params[name].copy_(t)
                 copied += t.numel() * t.element_size()
                 done += 1

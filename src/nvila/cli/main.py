@@ -19,6 +19,7 @@ from nvila.cli import (
     bench_serve,
     bench_train,
     chat,
+    convert,
     evaluate,
     infer,
     merge,
@@ -33,7 +34,7 @@ from nvila.cli import (
 # verb -> module, in the order `nvila --help` lists them
 COMMANDS: dict[str, ModuleType] = {
     "infer": infer, "chat": chat, "serve": serve, "eval": evaluate, "train": train, "merge": merge,
-    "quantize": quantize, "prune": prune, "nano": nano, "random-checkpoint": random_checkpoint,
+    "convert": convert, "quantize": quantize, "prune": prune, "nano": nano, "random-checkpoint": random_checkpoint,
     "bench": bench, "bench-serve": bench_serve, "bench-train": bench_train, "bench-kernels": bench_kernels,
 }
 

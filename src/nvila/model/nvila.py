@@ -80,12 +80,6 @@ class NvilaModel(nn.Module):
         """(E, D) embeddings appended after every image, tile or frame."""
         return self.llm.get_input_embeddings()(self.end_token_ids)
 
-    def _with_end(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(T, n, D) -> (T * (n + E), D): each row of tokens followed by the end embeddings."""
-        end = self.end_embeds().to(tokens.dtype)
-        T = tokens.shape[0]
-        return torch.cat([tokens.to(end.device), end.expand(T, -1, -1)], dim=1).flatten(0, 1)
-
     def embed_media(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D).
 
@@ -104,35 +98,53 @@ class NvilaModel(nn.Module):
             start += n
         return blocks
 
+    def media_rows(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
+        """Visual tokens of every placeholder of ``media``, without the end embeddings: for each placeholder a
+        list of (n, D) rows, each of which :meth:`embed_media` follows with the end embeddings."""
+        if not media:
+            return []
+        if feats is None:
+            feats = self.encode_tiles(torch.cat([m.pixels for m in media]))
+        out: list[list[torch.Tensor]] = []
+        start = 0
+        for item in media:
+            n = item.pixels.shape[0]
+            out += self._item_rows(item, feats[start : start + n])
+            start += n
+        return out
+
     def _item_blocks(self, item: MediaItem, feats: torch.Tensor) -> list[torch.Tensor]:
+        end = self.end_embeds()
+        return [torch.cat([torch.cat([r.to(end.device), end.to(r.dtype)]) for r in rows])
+                for rows in self._item_rows(item, feats)]
+
+    def _item_rows(self, item: MediaItem, feats: torch.Tensor) -> list[list[torch.Tensor]]:
         plan = item.plan
         if not isinstance(plan, TilePlan):                               # video
             frames = self.project(feats, plan.frame_plan.repeat_channels)  # (T, n, D)
             enc = self.cfg.video_encoder
-            if enc.kind == "basic":
-                blocks = [self._with_end(frames)]
-            else:
-                blocks = [self._with_end(tsp_pool(frames, pool)) for pool in enc.pool_sizes]
-            blocks = [torch.cat(blocks)]
+            pooled = [frames] if enc.kind == "basic" else [tsp_pool(frames, pool) for pool in enc.pool_sizes]
+            rows = [[r for p in pooled for r in p]]
             expected = [plan.num_embeddings]
         elif plan.kind == "dynamic_s2":
-            rows, cols = plan.block
+            rows_, cols = plan.block
             k = [s // self.cfg.tile_size for s in self.cfg.s2_scales[:-1]]
             chunks = self.project(merge_scales(feats, k, plan.block))   # (rows*cols, g*g, D)
-            blocks = [self._with_end(raster_tokens(chunks, rows, cols)[None])]
+            rows = [[raster_tokens(chunks, rows_, cols)]]
             expected = [plan.embeds_per_placeholder]
         else:                                                            # one block per tile
             tokens = self.project(feats, plan.repeat_channels)           # (N, g*g, D)
-            blocks = [self._with_end(t[None]) for t in tokens]
+            rows = [[t] for t in tokens]
             expected = [plan.embeds_per_placeholder] * plan.placeholders
-        got = [b.shape[0] for b in blocks]
+        end = len(self.end_token_ids)
+        got = [sum(r.shape[0] + end for r in block) for block in rows]
         if got != expected:
             raise PromptError(
                 f"{item.kind} produced embedding blocks of sizes {got} but its plan expects {expected}; "
                 "the checkpoint's vision/projector geometry does not match its config (tile size, patch size, "
                 "projector type)"
             )
-        return blocks
+        return rows
 
     # ---- fusion -------------------------------------------------------------------------------
     def fuse(self, input_ids: Sequence[int], blocks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -19,12 +19,8 @@ from typing import Any, Sequence
 from PIL import Image
 
 from nvila.base.errors import PromptError
+from nvila.formats.tokens import IMAGE_TOKEN, MEDIA_SPECIAL_TOKENS, SENTINEL_TOKEN, VIDEO_TOKEN  # noqa: F401
 
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<vila/video>"
-SENTINEL_TOKEN = "<vila/sentinel>"
-# Added to the tokenizer at load time, in this order (ids V, V+1, V+2 after the saved vocabulary).
-MEDIA_SPECIAL_TOKENS = (SENTINEL_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN)
 
 # The compact qwen2 ChatML template of the reference (chat_templates/qwen2.jinja, whitespace removed).
 CHAT_TEMPLATES = {

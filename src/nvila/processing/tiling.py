@@ -63,14 +63,9 @@ def plan_image(width: int, height: int, cfg: NvilaConfig, *, single_image: bool)
     """
     tile, per_tile = cfg.tile_size, cfg.tokens_per_tile
     if single_image and cfg.image_mode == "dynamic_s2":
-        tiles: list[Tile] = []
-        for scale in cfg.s2_scales[:-1]:
-            k = scale // tile
-            tiles += _grid_tiles(k, k, tile)
         k_last = cfg.s2_scales[-1] // tile
         cols, rows = closest_grid(width, height, candidate_grids(k_last * k_last, cfg.max_tiles), tile)
-        tiles += _grid_tiles(cols, rows, tile)
-        return TilePlan("dynamic_s2", tuple(tiles), (cols, rows), (rows, cols), 1, 1, per_tile * rows * cols + 1)
+        return s2_plan(cols, rows, cfg)
     if single_image and cfg.image_mode == "dynamic":
         cols, rows = closest_grid(width, height, candidate_grids(cfg.min_tiles, cfg.max_tiles), tile)
         tiles = _grid_tiles(cols, rows, tile)
@@ -79,6 +74,18 @@ def plan_image(width: int, height: int, cfg: NvilaConfig, *, single_image: bool)
         return TilePlan("dynamic", tuple(tiles), (cols, rows), None, 1, len(tiles), per_tile + 1)
     repeat = len(cfg.s2_scales) if cfg.image_mode == "dynamic_s2" else 1
     return TilePlan("single", (Tile((tile, tile), (0, 0, tile, tile)),), None, None, repeat, 1, per_tile + 1)
+
+
+def s2_plan(cols: int, rows: int, cfg: NvilaConfig) -> TilePlan:
+    """The Dynamic-S2 plan of a single image whose last scale is a ``cols x rows`` grid: one tile per square
+    scale (1, then 2x2, ...), then the grid's tiles; one placeholder."""
+    tile = cfg.tile_size
+    tiles: list[Tile] = []
+    for scale in cfg.s2_scales[:-1]:
+        k = scale // tile
+        tiles += _grid_tiles(k, k, tile)
+    tiles += _grid_tiles(cols, rows, tile)
+    return TilePlan("dynamic_s2", tuple(tiles), (cols, rows), (rows, cols), 1, 1, cfg.tokens_per_tile * rows * cols + 1)
 
 
 def plan_video(num_frames: int, cfg: NvilaConfig) -> VideoPlan:

@@ -1,0 +1,117 @@
+"""``nvila convert``: the llava layout <-> the "-hf" layout (:mod:`nvila.formats.hf`), tensors copied verbatim.
+
+Tensors are read and written as stored (same dtype, same bytes, same shapes): only their keys change, by the
+part prefixes of :data:`nvila.formats.hf.HF_PREFIX`. Each source safetensors file becomes one output file, so
+peak memory is one shard. The configs are mapped by :mod:`nvila.formats.hf`; the "-hf" folder also gets the
+processor, its configuration classes and a model entry for transformers' Auto classes
+(:mod:`nvila.formats.hf_processor`, :mod:`nvila.hf_remote`).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nvila.base.errors import CheckpointError
+from nvila.base.files import atomic_dir, json_bytes, write_json
+from nvila.checkpoint.load import Folder, folder_config, load_tokenizer, read_folder, resolve, transformers_config
+from nvila.checkpoint.save import tokenizer_files
+from nvila.checkpoint.weights import PartSource
+from nvila.formats.hf import (CONFIGURATION_FILE, GENERATION_CONFIG, HF_PREFIX, MODELING_FILE, MODELING_SOURCE,
+                              hf_config, hf_type_for)
+from nvila.formats.hf_processor import processor_files
+from nvila.formats.layout import (ADAPTER_CONFIG, ADAPTER_META, CONFIG, PARTS, PREPROCESSOR, QUANT_CONFIG,
+                                  SHARD_INDEX, SINGLE_WEIGHTS)
+
+Layout = Literal["hf", "llava"]
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, to: Layout, replace: bool = False) -> Path:
+    """Convert the checkpoint folder (or Hub id) ``src`` to the ``to`` layout in the new folder ``out``."""
+    if to not in ("hf", "llava"):
+        raise CheckpointError(f"--to must be 'hf' or 'llava', got {to!r}")
+    root = resolve(src)
+    if (root / ADAPTER_CONFIG).is_file() or (root / ADAPTER_META).is_file():
+        raise CheckpointError(f"{root} is a LoRA adapter, not a model; merge it into its base model first "
+                              "(`nvila merge --model BASE --lora ADAPTER --out DIR`), then convert DIR")
+    folder = read_folder(root)
+    if folder.layout == to:
+        raise CheckpointError(f"{root} is already in the {to} layout")
+    if QUANT_CONFIG in folder.files[""]:
+        raise CheckpointError(
+            f"{root} is a quantized checkpoint ({QUANT_CONFIG}): its int8/int4 tensors and scales are nvila's own "
+            "format, which no '-hf' consumer reads. Convert the float checkpoint, and quantize in the serving "
+            "engine (or keep serving the quantized folder with `nvila serve`)")
+    with atomic_dir(out, replace=replace) as tmp:
+        if to == "hf":
+            _write_hf(folder, tmp)
+        else:
+            _write_llava(folder, tmp)
+    return Path(out)
+
+
+def _write_hf(folder: Folder, tmp: Path) -> None:
+    cfg = folder_config(folder)
+    tokenizer, template, _, media_ids, _ = load_tokenizer(folder.tokenizer_dir, cfg.chat_template,
+                                                           transformers_config(folder, "llm"))
+    c = folder.configs
+    kind = hf_type_for(cfg.projector_type)
+    files = {CONFIG: json_bytes(hf_config(c[""], c["llm"], c["vision_tower"], c["mm_projector"],
+                                          media_ids["image"], media_ids["video"]))}
+    files |= processor_files(cfg, tokenizer_files(tokenizer), template, lite=kind.model_type == "nvila_lite")
+    for name, part in ((GENERATION_CONFIG, "llm"), (PREPROCESSOR, "vision_tower")):
+        if name in folder.files[part]:
+            files[name] = folder.files[part][name]
+    files[CONFIGURATION_FILE] = resources.files("nvila.hf_remote").joinpath(CONFIGURATION_FILE).read_bytes()
+    files[MODELING_FILE] = MODELING_SOURCE.encode()
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    # One output shard per source file, parts in a fixed order; keys get the part's prefix.
+    shards = [(part, file) for part in PARTS for file in folder.sources[part].files]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (part, file) in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = _read(folder.sources[part], file)
+        renamed = {HF_PREFIX[part] + k: t for k, t in tensors.items()}
+        save_file(renamed, str(tmp / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(renamed, name)
+        total += sum(t.numel() * t.element_size() for t in renamed.values())
+    write_json(tmp / SHARD_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_llava(folder: Folder, tmp: Path) -> None:
+    (tmp / CONFIG).write_bytes(json_bytes(folder.configs[""]))
+    for part in PARTS:
+        d = tmp / part
+        d.mkdir()
+        for name, data in folder.files[part].items():
+            (d / name).write_bytes(data)
+        source = folder.sources[part]
+        groups = [(file, t) for file in source.files if (t := _read(source, file))]
+        if not groups:
+            raise CheckpointError(f"{folder.sources[part].folder} has no tensors under {source.prefix!r}")
+        if len(groups) == 1:
+            save_file(groups[0][1], str(d / SINGLE_WEIGHTS), metadata={"format": "pt"})
+            continue
+        weight_map, total = {}, 0
+        for i, (_, tensors) in enumerate(groups, 1):
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            save_file(tensors, str(d / name), metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, name)
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(d / SHARD_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _read(source: PartSource, file: Path) -> dict:
+    """The part's tensors of one safetensors file, under their llava keys, as stored."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(stored) for stored, key in source.keys(f)}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e

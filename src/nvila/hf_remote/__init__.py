@@ -1,0 +1,1 @@
+"""Remote code of the "-hf" folders: self-contained files (no nvila imports) copied into converted checkpoints."""
