@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	PY=$(PY) bash scripts/ensure_browser.sh
 	$(PY) -m pytest -q
 
 # NVILA-Nano (the default model: DINOv2-S/14 + SmolLM2-135M + the shipped trained adapter) on an easy-VQA
@@ -191,7 +192,7 @@ SGLANG_PRESETS ?= nvila-lite-2b nvila-8b
 SGLANG_IMAGES  := $(FIXTURE)/media/china_1000x250.png $(FIXTURE)/media/flower_300x900.png $(FIXTURE)/media/hopper_278x278.png
 SGLANG_INSTALL = test -x $(SGLANG_PY) || ($(PYTHON) -m venv $(SGLANG_VENV) && $(SGLANG_VENV)/bin/pip install sglang==0.5.23)
 
-.PHONY: sglang-check gpu-check
+.PHONY: sglang-check gpu-check soak chat-page-screenshot bench-structured
 sglang-check: $(STAMP)
 	$(SGLANG_INSTALL)
 	for p in $(SGLANG_PRESETS); do \
@@ -205,10 +206,30 @@ sglang-check: $(STAMP)
 	@# a failed check is in its JSON: --write-report records it and exits 1
 	$(PY) scripts/sglang_check.py --write-report docs/perf/sglang-check.json $(SGLANG_PRESETS:%=$(SGLANG_DIR)/%.json)
 
-# On a machine with an NVIDIA GPU: MODEL (a llava-layout or "-hf" folder, or a Hub id) converted to "-hf" if needed,
-# served by `python -m sglang.launch_server`, and asked about one image through the OpenAI client; the answer is
-# printed, and the prompt's token count must be the processor's (scripts/gpu_check.py; --dry-run prints the commands).
+# Structured output: decode tokens/s with and without a JSON schema, side by side (NVILA-Nano's base, real vocabulary).
+bench-structured: $(STAMP)
+	$(NVILA) bench --model nvila:nano-base --media examples/media/easy-vqa-test-7.png --text "Describe this image in detail." \
+		--json-schema examples/schemas/detections.json --runs 7 --warmup 1 --new-tokens 64 --json docs/perf/structured-decode.json
+
+# The chat page's screenshot in docs/serving.md (NVILA-Nano answering about an easy-VQA image).
+chat-page-screenshot: $(STAMP)
+	PY=$(PY) bash scripts/ensure_browser.sh
+	$(PY) tests/browser.py --screenshot docs/img/chat-page.png
+
+# The server under a long mixed load: 1,000 requests at concurrency 16 (text, image, video, JSON schema) against a
+# tiny model in a real `nvila serve` process: failures, p50/p95 latency, throughput, the server's memory after the
+# run against after the first 100 requests (bound 10 %), and HTTP 429 beyond the queue bound.
+soak: $(STAMP)
+	$(NVILA) soak --model $(FIXTURE)/checkpoints/nvila-lite --requests 1000 --concurrency 16 --warm 100 \
+		--json docs/perf/soak.json
+
+# On a machine with an NVIDIA GPU, every CUDA path in one run (scripts/gpu_check.py; meant to fit 10 minutes on an H100
+# without the SGLang stage): fixture parity in fp32 and bf16, the quantized CUDA kernels against their reference
+# math, `nvila bench` on NVILA-Lite-2B shapes (float and quantized), training steps in bf16 and fp8, and MODEL
+# served by SGLang and asked about one image (scripts/sglang_serve_check.py; skipped where sglang cannot be
+# installed). Writes docs/perf/gpu-<device>.json. Without CUDA it runs the CPU-checkable stages and says which
+# it skipped.
 MODEL ?= Efficient-Large-Model/NVILA-Lite-2B
 gpu-check: $(STAMP)
-	$(SGLANG_INSTALL)
-	$(PY) scripts/gpu_check.py --model $(MODEL) --sglang-python $(SGLANG_PY) --work-dir build/gpu-check
+	-$(SGLANG_INSTALL)
+	$(PY) scripts/gpu_check.py --sglang-python $(SGLANG_PY) --sglang-model $(MODEL)

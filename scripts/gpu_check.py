@@ -1,275 +1,260 @@
 #!/usr/bin/env python3
-"""Serve an NVILA checkpoint with SGLang on a GPU and ask it about one image through the OpenAI client.
+"""Every CUDA path of nvila, checked in one command on a machine with a GPU (``make gpu-check``).
 
-usage:  .venv/bin/python scripts/gpu_check.py [--model MODEL] [--sglang-python PY] [--work-dir DIR] [--image PNG]
-                                              [--prompt TEXT] [--port P] [--json OUT] [--dry-run]
-        make gpu-check [MODEL=...] [SGLANG_PY=...]
+usage:  .venv/bin/python scripts/gpu_check.py [--out FILE] [--work-dir DIR] [--stages a,b,...] [--quick]
+                                              [--sglang-python PY] [--sglang-model MODEL]
 
-It runs in the project's .venv (nvila for `nvila convert` and the processor's token count, the `openai` client
-of the test extra); SGLang runs in its own interpreter, --sglang-python. Steps:
-  1. MODEL: an "-hf" folder (config.json model_type nvila / nvila_lite) is served as it is; a llava-layout folder
-     is converted with `nvila convert MODEL WORK/<name>-hf --to hf --replace`; a Hub id is downloaded with
-     huggingface_hub first and then treated as a folder.
-  2. `PY -m sglang.launch_server --model-path HF --trust-remote-code --host 127.0.0.1 --port P` starts in its own
-     process group, its output in WORK/server.log; GET /health is polled until it answers 200. If the server
-     exits or --startup-timeout passes, the error names the reason and shows the log's last lines.
-  3. One chat completion (temperature 0): a user message with the image as a base64 data URL, then --prompt. The
-     answer and the token usage are printed. The prompt's token count must equal the input_ids length the
-     folder's own processor gives for the same message: a shorter prompt means SGLang dropped the image (its
-     chat-template handling keeps media only for templates it reads as taking OpenAI-style content lists).
-  4. The server's process group gets SIGTERM (SIGKILL after 30 s) on every way out, Ctrl-C included.
---dry-run prints the commands and the request instead of running them (no GPU, sglang or network needed).
-Exit status: 0 an answer came back and the prompt length is right; 1 otherwise.
+Stages, in order (each records status ok / failed / skipped with the reason, its seconds and its numbers):
+  parity_fp32    the 39 official fixture cases in float32 on the device (TF32 off): prompt ids, media-embedding
+                 counts, last-position logits (< 1e-4 of the reference's) and 16 greedy tokens
+  bf16           the same cases in bfloat16: max logit error (< BF16_LOGIT_BOUND, tests/test_fast.py's bound),
+                 first greedy token and 16-token agreement with the reference
+  quant_kernels  W8A16, W8A8 and W4A16 g128 linears on NVILA-Lite-2B shapes, 1 / 16 / 152 rows: the fused CUDA
+                 op against the layer's reference math (dequantize, then a float GEMM)       [CUDA]
+  bench          `nvila bench` on a random checkpoint with NVILA-Lite-2B's shapes: fp32 vs bf16, and the model
+                 after `nvila quantize` (W8A8 ViT + W4A16 LLM, 4 calibration prompts)        [CUDA]
+  train          a few steps of the tiny LoRA recipe in bf16 and in fp8 (sm89+), tokens/s   [CUDA]
+  sglang         scripts/sglang_serve_check.py: the model converted to "-hf", served by SGLang, one image
+                 request through the openai client                                            [CUDA + sglang]
+Without CUDA the stages marked [CUDA] are skipped with that reason and the others run on the CPU, so the script
+itself is tested on any machine (tests/test_gpu_check.py, with --quick: one case per fixture model). It writes
+one JSON report (default docs/perf/gpu-<device name>.json; with provenance) and exits 1 if a stage failed.
+Meant to fit 10 minutes on one H100 (not yet run on a GPU); the random checkpoint (~4 GiB) is written once.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import shlex
-import signal
-import socket
+import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "Efficient-Large-Model/NVILA-Lite-2B"
-DEFAULT_IMAGE = ROOT / "tests/fixtures/official/media/china_800x600.png"
-HF_TYPES = ("nvila", "nvila_lite")
+FIXTURES = ROOT / "tests" / "fixtures" / "official"
+RECIPE = ROOT / "recipes" / "examples" / "tiny-lora.yaml"
+STAGES = ("parity_fp32", "bf16", "quant_kernels", "bench", "train", "sglang")
+BF16_LOGIT_BOUND = 0.75          # tests/test_fast.py
+QUANT_REL_BOUND = 2e-2           # fused op vs reference math, both in bf16 (relative to the output's max)
+NVILA = [sys.executable, "-m", "nvila"]
 
 
-class CheckError(Exception):
-    """A failed step; the message says what happened and what to look at."""
+class Skip(Exception):
+    """A stage that cannot run here; the message is the reason."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def cuda() -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Skip("needs CUDA (no GPU visible to torch)")
+    return torch
 
 
-def is_local(model: str) -> bool:
-    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+def fixture_cases(quick: bool) -> list[tuple[str, dict]]:
+    cases = sorted(json.loads((FIXTURES / "outputs" / "index.json").read_text()).items())
+    if quick:
+        seen: set[str] = set()
+        cases = [(c, s) for c, s in cases if not (c.split("/")[0] in seen or seen.add(c.split("/")[0]))]
+    return cases
 
 
-def layout(folder: Path) -> str:
-    """``"hf"`` for a converted folder, ``"llava"`` otherwise (`nvila convert` checks that layout itself)."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckError(f"{folder}/config.json is unreadable ({e}); --model needs a checkpoint folder") from None
-    return "hf" if cfg.get("model_type") in HF_TYPES else "llava"
+def messages(spec: dict) -> list[dict]:
+    parts = [{"type": "image", "image": str(FIXTURES / p)} for p in spec["images"]]
+    if spec["video"]:
+        parts.append({"type": "video", "video": str(FIXTURES / spec["video"])})
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": spec["prompt"]}]}]
 
 
-def plan(args: argparse.Namespace, folder: Path | None) -> tuple[list[str] | None, Path]:
-    """(the convert command or None, the "-hf" folder to serve) for ``folder`` (None: a Hub id not fetched yet)."""
-    name = Path(args.model.rstrip("/")).name
-    if folder is not None and layout(folder) == "hf":
-        return None, folder
-    out = args.work_dir / f"{name}-hf"
-    return [args.nvila, "convert", str(folder or args.model), str(out), "--to", "hf", "--replace"], out
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def server_command(args: argparse.Namespace, hf: Path, port: int | str) -> list[str]:
-    return [args.sglang_python, "-m", "sglang.launch_server", "--model-path", str(hf), "--trust-remote-code",
-            "--host", "127.0.0.1", "--port", str(port), *args.server_arg]
+def fixture_run(dtype: str, quick: bool) -> list[dict[str, Any]]:
+    """Every fixture case on the device in ``dtype``: equality flags and errors against the reference."""
+    import numpy as np
+    import torch
+
+    import nvila
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    pipes: dict[str, Any] = {}
+    rows = []
+    for case, spec in fixture_cases(quick):
+        variant = case.split("/")[0]
+        if variant not in pipes:
+            pipes[variant] = nvila.load(FIXTURES / "checkpoints" / variant, dtype=dtype, device=device())
+        pipe, msgs = pipes[variant], messages(spec)
+        ref = json.loads((FIXTURES / "outputs" / f"{case}.json").read_text())
+        want = np.load(FIXTURES / "outputs" / f"{case}.npz")["last_logits"]
+        prompt = pipe.prepare(msgs)
+        logits = pipe.next_token_logits(msgs).float().cpu().numpy()
+        out = pipe.generate(msgs, max_new_tokens=16)
+        rows.append({"case": case, "ids_equal": prompt.input_ids == ref["prompt"]["input_ids"],
+                     "media_embeddings_equal": prompt.num_media_embeddings == ref["num_visual_tokens"],
+                     "max_logit_error": float(np.abs(logits - want).max()),
+                     "first_token_equal": int(logits.argmax()) == int(want.argmax()),
+                     "greedy_equal": out.output_token_ids == ref["generation"]["output_ids"]})
+    return rows
 
 
-def messages(image_url: str, prompt: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                         {"type": "text", "text": prompt}]}]
+def stage_parity_fp32(args: argparse.Namespace) -> dict[str, Any]:
+    rows = fixture_run("float32", args.quick)
+    bad = [r["case"] for r in rows if not (r["ids_equal"] and r["media_embeddings_equal"] and r["greedy_equal"]
+                                           and r["max_logit_error"] < 1e-4)]
+    return {"ok": not bad, "device": device(), "cases": len(rows), "failed_cases": bad,
+            "max_logit_error": max(r["max_logit_error"] for r in rows), "rows": rows}
 
 
-def data_url(image: Path) -> str:
-    kind = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(image.suffix.lower())
-    if kind is None:
-        raise CheckError(f"{image}: use a .png, .jpg or .webp image")
-    return f"data:image/{kind};base64," + base64.b64encode(image.read_bytes()).decode("ascii")
+def stage_bf16(args: argparse.Namespace) -> dict[str, Any]:
+    rows = fixture_run("bfloat16", args.quick)
+    err = max(r["max_logit_error"] for r in rows)
+    per_variant: dict[str, list[bool]] = {}
+    for r in rows:
+        per_variant.setdefault(r["case"].split("/")[0], []).append(r["first_token_equal"])
+    first_ok = all(sum(v) >= len(v) - 1 for v in per_variant.values())   # >= 12 of 13 per model, as tested
+    return {"ok": err < BF16_LOGIT_BOUND and first_ok, "device": device(), "cases": len(rows),
+            "max_logit_error": err, "bound": BF16_LOGIT_BOUND,
+            "first_token_equal": sum(r["first_token_equal"] for r in rows),
+            "greedy_equal": sum(r["greedy_equal"] for r in rows), "rows": rows}
 
 
-def expected_prompt_tokens(hf: Path, image: Path, prompt: str) -> int:
-    """The input_ids length of the folder's own processor for the request's message (media tokens expanded)."""
-    from PIL import Image
-    from transformers import AutoProcessor
+def stage_quant_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    torch = cuda()
+    from nvila.model.quantized import W4A16Linear, W8A8Linear, W8A16Linear
 
-    processor = AutoProcessor.from_pretrained(str(hf), trust_remote_code=True)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.open(image).convert("RGB")},
-                                         {"type": "text", "text": prompt}]}]
-    out = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return len(out["input_ids"][0])
-
-
-def tail(path: Path, n: int = 40) -> str:
-    try:
-        with path.open(errors="replace") as f:
-            return "".join(deque(f, maxlen=n))
-    except OSError:
-        return "(no log)"
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> float:
-    """Seconds until GET url answers 200; CheckError when the server exits or ``timeout`` passes."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise CheckError(f"the SGLang server exited with status {proc.returncode} before it was healthy; "
-                             f"last lines of {log}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(2)
-    raise CheckError(f"the SGLang server was not healthy after {timeout:.0f} s ({url}); last lines of {log}:\n"
-                     f"{tail(log)}")
+    torch.manual_seed(0)
+    shapes = [(1536, 1536), (1536, 8960), (8960, 1536), (1152, 4304)]
+    rows, ok = [], True
+    for cls in (W8A16Linear, W8A8Linear, W4A16Linear):
+        for n_in, n_out in shapes:
+            lin = torch.nn.Linear(n_in, n_out, bias=True)
+            q = (cls.from_float(lin, group_size=128) if cls is W4A16Linear else cls.from_float(lin)).cuda()
+            for n_rows in (1, 16, 152):
+                x = torch.randn(n_rows, n_in, device="cuda", dtype=torch.bfloat16)
+                fused, ref = q.kernel(x).float(), q.reference(x).float()
+                rel = float((fused - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                ok &= rel < QUANT_REL_BOUND
+                rows.append({"scheme": cls.__name__, "in": n_in, "out": n_out, "rows": n_rows, "rel_error": rel})
+    return {"ok": ok, "bound": QUANT_REL_BOUND, "max_rel_error": max(r["rel_error"] for r in rows), "rows": rows}
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (it has its own session), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+def run(cmd: list[str], log: Path, timeout: float) -> None:
+    """Run a command, its output to ``log``; raise with the log's tail on failure."""
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[2:5])} ... exited {proc.returncode}:\n{tail}")
+
+
+def stage_bench(args: argparse.Namespace) -> dict[str, Any]:
+    cuda()
+    base, quant = args.work_dir / "nvila-lite-2b", args.work_dir / "nvila-lite-2b-w4"
+    if not (base / "config.json").is_file():
+        run([*NVILA, "random-checkpoint", "--preset", "nvila-lite-2b", "--out", str(base)],
+            args.work_dir / "random.log", 1200)
+    if not (quant / "quant_config.json").is_file():
+        run([*NVILA, "quantize", "--model", str(base), "--out", str(quant), "--calib-samples", "4", "--device",
+             "cuda"], args.work_dir / "quantize.log", 1200)
+    out = args.work_dir / "bench.json"
+    run([*NVILA, "bench", "--model", str(base), "--device", "cuda", "--compare", "fp32,bf16", "--quantized",
+         str(quant), "--runs", "3", "--warmup", "1", "--new-tokens", "32", "--json", str(out)],
+        args.work_dir / "bench.log", 1200)
+    report = json.loads(out.read_text())
+    report.pop("provenance", None)
+    return {"ok": True, **report}
+
+
+def stage_train(args: argparse.Namespace) -> dict[str, Any]:
+    torch = cuda()
+    result: dict[str, Any] = {"ok": True}
+    capability = torch.cuda.get_device_capability()
+    for precision in ("bf16", "fp8"):
+        if precision == "fp8" and capability < (8, 9):
+            result[precision] = {"status": "skipped", "reason": f"fp8 needs sm89+, this GPU is sm{capability[0]}"
+                                                                f"{capability[1]}"}
             continue
-
-
-def ask(port: int, image: Path, prompt: str, max_tokens: int) -> dict[str, Any]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", timeout=600)
-    model = client.models.list().data[0].id
-    start = time.monotonic()
-    r = client.chat.completions.create(model=model, messages=messages(data_url(image), prompt),
-                                       max_tokens=max_tokens, temperature=0)
-    return {"served_model": model, "answer": r.choices[0].message.content or "",
-            "finish_reason": r.choices[0].finish_reason, "seconds": round(time.monotonic() - start, 2),
-            "usage": r.usage.model_dump() if r.usage else None}
-
-
-def dry_run(args: argparse.Namespace) -> int:
-    folder = Path(args.model).expanduser() if is_local(args.model) else None
-    if folder is None:
-        print(f"# {args.model}: a Hub id, downloaded with huggingface_hub.snapshot_download; converted if it is "
-              "in the llava layout:")
-    convert, hf = plan(args, folder)
-    print(shlex.join(convert) if convert else f"# {hf} is an '-hf' folder: served as it is")
-    port = args.port or "PORT"   # the real run picks a free port
-    print(shlex.join(server_command(args, hf, port)) + f"  > {args.work_dir / 'server.log'} 2>&1")
-    print(f"# wait for GET http://127.0.0.1:{port}/health == 200 (at most {args.startup_timeout:.0f} s), then:")
-    request = {"model": "<the served model id>", "max_tokens": args.max_tokens, "temperature": 0,
-               "messages": messages(f"data:image/...;base64,<{args.image.name}>", args.prompt)}
-    print(f"POST http://127.0.0.1:{port}/v1/chat/completions " + json.dumps(request))
-    print(f"# expect usage.prompt_tokens == the input_ids length of {hf}'s processor for that message")
-    return 0
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Convert, serve, ask; returns the result (raises CheckError on a failed step)."""
-    result: dict[str, Any] = {"model": args.model, "image": str(args.image), "prompt": args.prompt}
-    if is_local(args.model):
-        folder = Path(args.model).expanduser()
-    else:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo_id=args.model))
-    convert, hf = plan(args, folder)
-    if convert:
-        print("+ " + shlex.join(convert), flush=True)
-        if subprocess.run(convert, check=False).returncode != 0:
-            raise CheckError(f"`{shlex.join(convert)}` failed (its message is above)")
-    result["hf_folder"] = str(hf)
-    expected = expected_prompt_tokens(hf, args.image, args.prompt)
-    port = args.port or free_port()
-    cmd = server_command(args, hf, port)
-    log = args.work_dir / "server.log"
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    print("+ " + shlex.join(cmd) + f"  > {log} 2>&1", flush=True)
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        result["startup_seconds"] = round(wait_healthy(proc, f"http://127.0.0.1:{port}/health", log,
-                                                       args.startup_timeout), 1)
-        result.update(ask(port, args.image, args.prompt, args.max_tokens))
-    finally:
-        stop(proc)
-    got = (result.get("usage") or {}).get("prompt_tokens")
-    result["expected_prompt_tokens"] = expected
-    problems = []
-    if not result["answer"].strip():
-        problems.append("the answer is empty")
-    if got != expected:
-        problems.append(f"the server counted {got} prompt tokens, the folder's processor {expected}"
-                        + (" (far fewer: SGLang dropped the image; see the chat template's content format in "
-                           "its log)" if isinstance(got, int) and got < expected // 2 else ""))
-    result["problems"] = problems
-    result["ok"] = not problems
+        out = args.work_dir / f"train-{precision}"
+        run([*NVILA, "train", "--config", str(RECIPE), "--output-dir", str(out), "--device", "cuda",
+             f"train.precision={precision}", "train.max_steps=6", "train.save_every=0"],
+            args.work_dir / f"train-{precision}.log", 900)
+        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        warm = steps[1:] or steps                        # the first step includes compilation and warm-up
+        result[precision] = {"steps": len(steps), "final_loss": steps[-1]["loss"],
+                             "tokens_per_s": sorted(s["tokens_per_s"] for s in warm)[len(warm) // 2]}
     return result
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="details: the docstring of scripts/gpu_check.py")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"llava or '-hf' folder, or Hub id (default {DEFAULT_MODEL})")
-    ap.add_argument("--sglang-python", default=sys.executable,
-                    help="the interpreter with sglang installed (default: this one)")
-    ap.add_argument("--nvila", default=str(Path(sys.executable).with_name("nvila")),
-                    help="the nvila command (default: next to this interpreter)")
-    ap.add_argument("--work-dir", type=Path, default=ROOT / "build/gpu-check",
-                    help="where the converted folder and server.log go (default build/gpu-check)")
-    ap.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the image to ask about (png, jpg, webp)")
-    ap.add_argument("--prompt", default="Describe the image in one sentence.")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    ap.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
-    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                    help="one more argument for sglang.launch_server (repeat: --server-arg=--mem-fraction-static "
-                         "--server-arg=0.8)")
-    ap.add_argument("--json", type=Path, help="also write the result (with provenance) to this file")
-    ap.add_argument("--dry-run", action="store_true", help="print the commands and the request, run nothing")
-    args = ap.parse_args()
-    if not args.image.is_file():
-        ap.error(f"no image {args.image}")
-    return args
+def stage_sglang(args: argparse.Namespace) -> dict[str, Any]:
+    cuda()
+    python = args.sglang_python
+    if not python or subprocess.run([python, "-c", "import sglang"], capture_output=True).returncode:
+        raise Skip(f"no interpreter with sglang ({python or 'pass --sglang-python'}; make gpu-check installs one)")
+    out = args.work_dir / "sglang.json"
+    run([sys.executable, str(ROOT / "scripts" / "sglang_serve_check.py"), "--model", args.sglang_model,
+         "--sglang-python", python, "--work-dir", str(args.work_dir / "sglang"), "--json", str(out)],
+        args.work_dir / "sglang.log", 1800)
+    report = json.loads(out.read_text())
+    report.pop("provenance", None)
+    return {"ok": bool(report.get("ok")), **report}
 
 
-def main() -> int:
-    args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks: the server is stopped
-    try:
-        if args.dry_run:
-            return dry_run(args)
-        result = run(args)
-    except CheckError as e:
-        print(f"gpu_check: FAILED: {e}", file=sys.stderr)
-        return 1
-    print(f"answer: {result['answer']}")
-    print(f"usage: {result['usage']}; expected prompt tokens {result['expected_prompt_tokens']}; server start "
-          f"{result['startup_seconds']} s; request {result['seconds']} s")
-    for p in result["problems"]:
-        print(f"gpu_check: FAILED: {p}", file=sys.stderr)
-    if args.json:
-        from nvila.base.files import write_json
-        from nvila.base.provenance import provenance
+RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "parity_fp32": stage_parity_fp32, "bf16": stage_bf16, "quant_kernels": stage_quant_kernels,
+    "bench": stage_bench, "train": stage_train, "sglang": stage_sglang,
+}
 
-        write_json(args.json, {**result, "provenance": provenance(model=args.model,
-                                                                  sglang_python=args.sglang_python)})
-    return 0 if result["ok"] else 1
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="report JSON (default docs/perf/gpu-<device>.json)")
+    ap.add_argument("--work-dir", type=Path, default=ROOT / "build" / "gpu-check")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--quick", action="store_true", help="one fixture case per model (what the CPU test runs)")
+    ap.add_argument("--sglang-python", default=os.environ.get("SGLANG_PY"), help="interpreter with sglang installed")
+    ap.add_argument("--sglang-model", default="Efficient-Large-Model/NVILA-Lite-2B")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.stages.split(",")) - set(STAGES))
+    if unknown:
+        ap.error(f"unknown stages {unknown}; known: {', '.join(STAGES)}")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"device": device_name(), "stages": {}}
+    for name in (s for s in STAGES if s in args.stages.split(",")):
+        t0 = time.perf_counter()
+        try:
+            result = RUNNERS[name](args)
+            entry = {"status": "ok" if result.pop("ok") else "failed", **result}
+        except Skip as e:
+            entry = {"status": "skipped", "reason": str(e)}
+        except Exception as e:  # a stage's crash is its failure; the other stages still run
+            entry = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        report["stages"][name] = entry
+        print(f"{name:14s} {entry['status']:8s} {entry['seconds']:7.1f} s  {entry.get('reason', '')}".rstrip(),
+              flush=True)
+    from nvila.base.files import write_json
+    from nvila.base.provenance import provenance
+
+    out = args.out or ROOT / "docs" / "perf" / f"gpu-{report['device']}.json"
+    write_json(out, {**report, "provenance": provenance(stages=args.stages, quick=args.quick)})
+    print(f"report: {out}")
+    return 1 if any(e["status"] == "failed" for e in report["stages"].values()) else 0
 
 
 if __name__ == "__main__":

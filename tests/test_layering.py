@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("nvila.base", "nvila.hf_remote")),
     ("formats", ("nvila.formats",)),
     ("media and processing | model", ("nvila.processing", "nvila.model")),
-    ("generation", ("nvila.generate",)),
+    ("generation", ("nvila.generate", "nvila.grammar")),
     ("checkpoint", ("nvila.checkpoint",)),
     ("api", ("nvila.api", "nvila", "nvila.hf")),
     ("builders", ("nvila.builders",)),

@@ -8,9 +8,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from nvila.base.errors import CheckpointError, ConfigError, MediaError, NvilaError, PromptError
+
+# torchao (FP8 training) is imported by transformers whenever it is installed. nvila uses only its float8
+# training (pure PyTorch over torch._scaled_mm); its compiled extensions fail to load on CPU-only and mismatched
+# builds with a warning each, and its enums trip a pytree deprecation warning of torch 2.13: both silenced.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["load", "Pipeline", "Generation", "SamplingParams", "NvilaError", "MediaError", "CheckpointError",

@@ -28,14 +28,17 @@ from nvila.checkpoint.save import save_checkpoint
 from nvila.formats.layout import QUANT_CONFIG
 from nvila.formats.plans import Prompt
 from nvila.generate import SamplingParams, TextStep, Trim, decode_text
+from nvila.grammar import Grammars, JsonGrammar
 from nvila.model.fast import contiguous_head, use_decode_linear, use_fast_vision_attention
 from nvila.model.mixed import fp32_math_on_16bit_weights
 from nvila.processing.processor import Processor
+from nvila.processing.timestamps import Segment, TimeTokens
 
 MODEL_NAME_PREFIX = "nvila:"
 MODEL_ENTRY_POINTS = "nvila.models"
 DEFAULT_MODEL = "nvila:nano"             # what the CLI and server use without --model
-MEDIA_OPTIONS = ("num_frames", "fps", "max_frames")
+MEDIA_OPTIONS = ("num_frames", "fps", "max_frames", "frame_rate")
+TIME_TOKEN_MODES = ("seconds", "raw")   # answers' <tK>: written as seconds into the clip, or left as tokens
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Generation:
     prompt_length: int                   # positions the LLM saw for the prompt (fused length)
     output_token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"        # "stop" (stop token or string) | "length"
+    raw_text: str | None = None          # the text before time tokens were written as seconds (None: unchanged)
+    segments: list[Segment] = field(default_factory=list)   # spans given by pairs of time tokens, in seconds
 
 
 def resolve_model(path_or_id: str | os.PathLike) -> tuple[str | os.PathLike, Path | None]:
@@ -139,6 +144,9 @@ class Pipeline:
         # the vision tower is the most expensive stage, so each is encoded once.
         self.media_cache: OrderedDict[Any, list[torch.Tensor]] = OrderedDict()
         self.media_cache_size = 16
+        # response_format grammars: xgrammar's tokenizer info built once (on first use), grammars cached by schema
+        self.grammars = Grammars(self.tokenizer, self.model.llm.config.vocab_size, checkpoint.stop_token_ids)
+        self.time_tokens = self._time_tokens()
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self, messages: str | Sequence[Any], **media_options: Any) -> Prompt:
@@ -176,12 +184,17 @@ class Pipeline:
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, messages: str | Sequence[Any], **options: Any) -> Generation:
-        """Answer one conversation; options = SamplingParams fields + media options."""
+        """Answer one conversation; options = SamplingParams fields, ``response_format`` and media options.
+
+        ``response_format`` (OpenAI's shape: ``{"type": "json_object"}``, ``{"type": "json_schema",
+        "json_schema": {"name", "schema", "strict"}}``, or a Pydantic model class) constrains the answer to
+        JSON (matching the schema): an answer that ends with ``finish_reason == "stop"`` parses and validates,
+        one cut by ``max_new_tokens`` ("length") does not have to."""
         return self.generate_batch([messages], **options)[0]
 
     def generate_batch(self, conversations: Sequence[str | Sequence[Any]], **options: Any) -> list[Generation]:
         """Answer several conversations together (one prefill, batched decode steps)."""
-        params = _sampling(options)
+        params = self._sampling(options)
         if not conversations:
             return []
         prompts = [self.prepare(c, **_pick(options, MEDIA_OPTIONS)) for c in conversations]
@@ -193,9 +206,48 @@ class Pipeline:
                     results[b].output_token_ids.append(token)
                 texts[b] += piece
                 results[b].finish_reason = step.finished[b] or "length"
-        for r, text in zip(results, texts):
+        for r, text, prompt in zip(results, texts, prompts):
             r.text = text.strip()
+            if options.get("time_tokens", "seconds") == "seconds":
+                self._render_time_tokens(r, prompt)
         return results
+
+    def _time_tokens(self) -> TimeTokens | None:
+        """The checkpoint's time tokens (NVILA-8B-Video), checked against its tokenizer; None without them."""
+        n = self.config.num_time_tokens
+        if not n:
+            return None
+        tokens = TimeTokens(n, self.config.time_token_format)
+        missing = [tokens.token_format.format(t=k) for k in range(n)
+                   if len(self.tokenizer(tokens.token_format.format(t=k), add_special_tokens=False)["input_ids"]) != 1]
+        if missing:
+            raise CheckpointError(f"config.json declares {n} time tokens but the tokenizer lacks {missing[:3]}"
+                                  f"{' ...' if len(missing) > 3 else ''} as single tokens")
+        return tokens
+
+    def clip_duration(self, prompt: Prompt) -> float | None:
+        """The duration of the prompt's video, what time tokens refer to (None: no video, several, or unknown)."""
+        videos = [m for m in prompt.media if m.kind == "video"]
+        return videos[0].duration if len(videos) == 1 else None
+
+    def render_time_tokens(self, text: str, prompt: Prompt) -> tuple[str, list[Segment]]:
+        """``text`` with its time tokens written as seconds into the prompt's clip, and the segments they give;
+        unchanged without time tokens or a clip of known duration."""
+        duration = self.clip_duration(prompt)
+        if self.time_tokens is None or duration is None:
+            return text, []
+        return self.time_tokens.render(text, duration)
+
+    def _render_time_tokens(self, result: Generation, prompt: Prompt) -> None:
+        text, result.segments = self.render_time_tokens(result.text, prompt)
+        if text != result.text:
+            result.raw_text, result.text = result.text, text
+
+    def response_grammar(self, response_format: Any) -> JsonGrammar | None:
+        """The compiled grammar of a ``response_format`` (None for free text), for ``SamplingParams.grammar``;
+        compiled once per schema and cached. Raises ConfigError for a malformed response_format or a schema
+        that cannot be compiled, and when xgrammar is not installed."""
+        return self.grammars.get(response_format)
 
     def decode(self, embeds: Sequence[torch.Tensor], params: SamplingParams | Sequence[SamplingParams]
                ) -> Iterator[TextStep]:
@@ -213,11 +265,14 @@ class Pipeline:
 
         The pieces concatenate to exactly ``chat(...)``'s text (surrounding whitespace stripped).
         """
-        params = _sampling(options)
+        params = self._sampling(options)
         prompt = self.prepare(messages, **_pick(options, MEDIA_OPTIONS))
+        seconds = options.get("time_tokens", "seconds") == "seconds"
         trim = Trim()
         for step in self.decode([self.embed(prompt)], params):
             piece = trim.push(step.pieces[0])
+            if piece and seconds:
+                piece = self.render_time_tokens(piece, prompt)[0]   # a time token is never split across pieces
             if piece:
                 yield piece
 
@@ -225,20 +280,23 @@ class Pipeline:
         """Write the model in the official layout (bit-identical tensors for an unmodified model)."""
         return save_checkpoint(self.checkpoint, out)
 
+    def _sampling(self, options: dict[str, Any]) -> SamplingParams:
+        """Generation options -> SamplingParams (``response_format`` compiled to its grammar)."""
+        sampling = tuple(f for f in SamplingParams.__dataclass_fields__ if f != "grammar")
+        known = {*sampling, "response_format", "time_tokens", *MEDIA_OPTIONS}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation options {unknown}; known: {sorted(known)}")
+        if options.get("time_tokens", "seconds") not in TIME_TOKEN_MODES:
+            raise ConfigError(f"time_tokens must be one of {TIME_TOKEN_MODES}, got {options['time_tokens']!r}")
+        fields = _pick(options, sampling)
+        stop = fields.get("stop", ())
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
+        fields["stop"] = tuple(stop)
+        return SamplingParams(**fields, grammar=self.response_grammar(options.get("response_format")))
+
 
 def _pick(options: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in names and v is not None}
-
-
-def _sampling(options: dict[str, Any]) -> SamplingParams:
-    known = set(SamplingParams.__dataclass_fields__) | set(MEDIA_OPTIONS)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown generation options {unknown}; known: {sorted(known)}")
-    fields = _pick(options, tuple(SamplingParams.__dataclass_fields__))
-    stop = fields.get("stop", ())
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
-    fields["stop"] = tuple(stop)
-    return SamplingParams(**fields)

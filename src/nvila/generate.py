@@ -4,6 +4,7 @@ The LLM is a transformers causal LM used directly (not ``.generate``): prefill r
 embeddings once and keeps only the last position's logits; each decode step feeds one token per sequence
 through the KV cache. A batch is left-padded, with explicit position ids so padding never shifts RoPE.
 Prompts that share a prefix (several questions about one image) prefill that prefix once.
+A sequence with a grammar (structured output, :mod:`nvila.grammar`) has its logits masked before sampling.
 """
 
 from __future__ import annotations
@@ -11,17 +12,36 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
 from nvila.base.errors import PromptError
 
 
+class Constraint(Protocol):
+    """What one sequence may generate next (a grammar's state, :class:`nvila.grammar.GrammarConstraint`)."""
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """(V,) float logits of the sequence: tokens not allowed next set to -inf, in place."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the token taken (one the mask allowed)."""
+
+
+class Grammar(Protocol):
+    """A compiled grammar (:class:`nvila.grammar.JsonGrammar`), shared by every sequence that uses it."""
+
+    def constraint(self) -> Constraint:
+        """A fresh state at the start of an answer."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings. ``temperature == 0`` means greedy (the reference default)."""
+    """Decoding settings. ``temperature == 0`` means greedy (the reference default). ``grammar`` constrains
+    the answer (structured output; ``Pipeline.response_grammar`` makes one); it is not a sampling setting,
+    so rows that differ only in it still sample together."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -29,6 +49,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):
@@ -152,6 +173,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(logits.device)
 
 
+@torch.inference_mode()
+def apply_constraints(logits: torch.Tensor, constraints: Sequence[Constraint | None], done: Sequence[Any]) -> None:
+    """Mask (B, V) logits in place: each running sequence with a constraint keeps only what it allows."""
+    for b, c in enumerate(constraints):
+        if c is not None and not done[b]:
+            c.mask(logits[b])
+
+
 @dataclass
 class StepOutput:
     """Tokens produced in one step: ``tokens[b]`` is None for sequences already finished."""
@@ -172,7 +201,8 @@ def decode(
     ``params`` is shared or given per sequence (a server batches requests with different settings).
     A sequence ends on a stop token (not emitted), after ``max_new_tokens``, or when it reaches
     ``max_positions`` (the model's context). Stop strings are handled by the caller, which can close the
-    generator early.
+    generator early. A sequence whose params carry a grammar samples from masked logits: only tokens that
+    keep its answer valid, and once the answer is complete only the stop tokens.
     """
     per_seq = [params] * len(embeds) if isinstance(params, SamplingParams) else list(params)
     if len(per_seq) != len(embeds):
@@ -185,6 +215,7 @@ def decode(
     # one sampling call for the batch unless rows differ in settings or have their own seeded generator
     vectorized = len(embeds) == 1 or (all(p == per_seq[0] for p in per_seq) and all(g is None for g in generators))
     stops = set(stop_token_ids)
+    constraints = [None if p.grammar is None else p.grammar.constraint() for p in per_seq]
     shared = shared_prefix(embeds)
     if shared >= MIN_SHARED_PREFIX:
         logits, cache, mask, positions = prefill_shared(llm, embeds, shared)
@@ -194,6 +225,7 @@ def decode(
     pos = positions[:, -1]
     done: list[str | None] = [None] * len(embeds)
     for step in range(max(budget)):
+        apply_constraints(logits, constraints, done)
         if vectorized:
             tokens = sample(logits, per_seq[0], generators[0])
         else:
@@ -205,6 +237,8 @@ def decode(
                 out.append(None)
             else:
                 out.append(t)
+                if constraints[b] is not None:
+                    constraints[b].accept(t)
                 if step + 1 >= budget[b]:
                     done[b] = "length"
         yield StepOutput(out, list(done))

@@ -169,3 +169,16 @@ def cpu_max_rows(scheme: str, dtype: torch.dtype) -> int:
     if dtype == torch.bfloat16 and cpu_has_native_bf16() and scheme != "w8a8":
         return cpu_rules().bf16_quant_max_rows
     return CPU_MAX_ROWS[scheme]
+
+
+# FP8 tensor cores (torch._scaled_mm): Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_device(device: torch.device) -> tuple[bool, str]:
+    """(whether ``device`` computes FP8 GEMMs natively, the device described for messages)."""
+    if device.type != "cuda":
+        return False, str(device)
+    capability = torch.cuda.get_device_capability(device)
+    where = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {capability[0]}.{capability[1]})"
+    return capability >= FP8_MIN_CAPABILITY, where

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 from nvila import api
 from nvila.base.errors import ConfigError
 from nvila.base.progress import ProgressBar
-from nvila.bench import report
+from nvila.bench import report, structured
 from nvila.bench.timing import (
     SETUPS,
     BenchResult,
@@ -43,6 +43,17 @@ class BenchJob:
     json: str | None = None
     plot: str | None = None
     sweep: tuple[int, ...] = ()
+    response_format: dict[str, Any] | None = None    # --json-schema: decode speed with and without it instead
+
+
+def run_structured(job: BenchJob) -> dict[str, Any]:
+    """Decode tokens/s of the first setup with and without ``job.response_format`` (nvila.bench.structured)."""
+    if job.response_format is None:
+        raise ConfigError("the structured-output benchmark needs a response_format (--json-schema FILE)")
+    with tempfile.TemporaryDirectory() as tmp:
+        messages, opts = _messages(job, Path(tmp), None)
+        return structured.run(job.model, job.response_format, messages, opts, json_out=job.json, setup=job.setups[0],
+                              device=job.device, runs=job.runs, warmup=job.warmup, new_tokens=job.new_tokens)
 
 
 def run(job: BenchJob) -> list[BenchResult]:

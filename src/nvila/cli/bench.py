@@ -29,19 +29,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", default=None, metavar="FILE", help="write the medians as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="instead: decode tokens/s of --setup with and without this JSON schema as response_format, "
+                   "side by side (--runs rounds after --warmup)")
     p.add_argument("--sweep", default=None, metavar="V1,V2,..",
                    help="also measure time to first token of the auto setup vs image sizes (or frame counts with "
                    "--frames)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from nvila.bench.run import BenchJob
+    from nvila.bench.run import BenchJob, run_structured
     from nvila.bench.run import run as run_bench
+    from nvila.cli.common import json_schema_format
 
     setups = tuple(args.compare.split(",")) if args.compare else (args.setup,)
     sweep = tuple(int(x) for x in args.sweep.split(",")) if args.sweep else ()
-    run_bench(BenchJob(model=args.model, setups=setups, device=args.device, media=tuple(args.media),
-                       image_size=args.image_size, frames=args.frames, text=args.text, quantized=args.quantized,
-                       quant_dtype=args.quant_dtype, runs=args.runs, warmup=args.warmup, interleave=args.interleave,
-                       new_tokens=args.new_tokens, json=args.json, plot=args.plot, sweep=sweep))
+    job = BenchJob(model=args.model, setups=setups, device=args.device, media=tuple(args.media),
+                   image_size=args.image_size, frames=args.frames, text=args.text, quantized=args.quantized,
+                   quant_dtype=args.quant_dtype, runs=args.runs, warmup=args.warmup, interleave=args.interleave,
+                   new_tokens=args.new_tokens, json=args.json, plot=args.plot, sweep=sweep,
+                   response_format=json_schema_format(args.json_schema) if args.json_schema else None)
+    if job.response_format is not None:
+        run_structured(job)
+    else:
+        run_bench(job)
     return 0

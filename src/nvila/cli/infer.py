@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
             "prompt_length": result.prompt_length,
             "output_token_ids": result.output_token_ids,
             "finish_reason": result.finish_reason,
+            "raw_text": result.raw_text,
+            "segments": [{"start": s.start, "end": s.end} for s in result.segments],
         }))
     else:
         print(result.text)

@@ -28,6 +28,7 @@ from nvila.cli import (
     quantize,
     random_checkpoint,
     serve,
+    soak,
     train,
 )
 
@@ -36,6 +37,7 @@ COMMANDS: dict[str, ModuleType] = {
     "infer": infer, "chat": chat, "serve": serve, "eval": evaluate, "train": train, "merge": merge,
     "convert": convert, "quantize": quantize, "prune": prune, "nano": nano, "random-checkpoint": random_checkpoint,
     "bench": bench, "bench-serve": bench_serve, "bench-train": bench_train, "bench-kernels": bench_kernels,
+    "soak": soak,
 }
 
 

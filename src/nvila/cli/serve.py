@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media URLs")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before HTTP 429")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--no-ui", dest="ui", action="store_false", help="no chat page at / (the HTTP API only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_model(args)
     model_id = args.served_model_name or (Path(str(args.model).rstrip("/")).name if args.model else "nvila-nano")
     settings = ServerSettings(model_id=model_id, api_key=args.api_key,
-                              media=MediaPolicy(allowed_dir=allowed, allow_remote=args.allow_remote_media))
+                              media=MediaPolicy(allowed_dir=allowed, allow_remote=args.allow_remote_media), ui=args.ui)
     app = create_app(pipe, settings, max_queue=args.max_queue, max_batch=args.max_batch)
     print(f"serving {model_id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if args.ui:
+        print(f"chat page: http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -80,7 +80,8 @@ class NvilaConfig:
     select_feature: Literal["cls_patch", "patch"] = "cls_patch"
     num_video_frames: int = DEFAULT_NUM_VIDEO_FRAMES
     video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
-    num_time_tokens: int = 0
+    num_time_tokens: int = 0            # NVILA-8B-Video's <t0>..<tN-1> (nvila.processing.timestamps)
+    time_token_format: str = "<t{t}>"
     model_max_length: int = 8192        # context limit used to reject over-long prompts
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -154,6 +155,7 @@ class NvilaConfig:
             num_video_frames=_int(raw.get("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES), "num_video_frames"),
             video_encoder=parse_video_encoder(raw.get("video_encoder")),
             num_time_tokens=_int(raw.get("num_time_tokens", 0) or 0, "num_time_tokens"),
+            time_token_format=_time_format(raw.get("time_token_format")),
             model_max_length=_int(llm_max, "model_max_length"),
             image_mean=_triple(pre.get("image_mean", (0.5, 0.5, 0.5)), "image_mean"),
             image_std=_triple(pre.get("image_std", (0.5, 0.5, 0.5)), "image_std"),
@@ -354,6 +356,14 @@ def _int(value: Any, name: str) -> int:
     return int(number)
 
 
+def _time_format(value: Any) -> str:
+    if value is None:
+        return "<t{t}>"
+    if not isinstance(value, str) or value.count("{t}") != 1:
+        raise ConfigError(f"time_token_format must be a string with one '{{t}}', got {value!r}")
+    return value
+
+
 def _require(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d or d[key] is None:
         raise ConfigError(f"{where} has no {key!r} entry")
@@ -375,4 +385,5 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "select_feature": ("mm_vision_select_feature", "cls_patch"),
     "num_video_frames": ("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES),
     "num_time_tokens": ("num_time_tokens", 0),
+    "time_token_format": ("time_token_format", "<t{t}>"),
 }

@@ -65,6 +65,7 @@ class MediaItem:
     pixels: torch.Tensor            # (N, 3, S, S): image tiles in plan order, or video frames
     plan: TilePlan | VideoPlan
     key: str | None = None          # content key for caching encoded media across turns
+    duration: float | None = None   # video: seconds of the whole clip (for time tokens); None when unknown
 
     @property
     def placeholders(self) -> int:

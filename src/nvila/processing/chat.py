@@ -2,7 +2,8 @@
 
 Messages follow the OpenAI shape: ``{"role": "system"|"user"|"assistant", "content": str | [parts]}`` with
 parts ``{"type": "text", "text": ...}``, ``{"type": "image", "image": path|bytes|PIL.Image}`` and
-``{"type": "video", "video": path|bytes, "num_frames"?: int, "fps"?: float, "max_frames"?: int}``.
+``{"type": "video", "video": path|bytes, "num_frames"?: int, "fps"?: float, "max_frames"?: int,
+"frame_rate"?: float}`` (``frame_rate``: frames per second of a frame folder).
 A bare string stands for one user turn.
 
 Reference rules reproduced here: media become single placeholder tokens concatenated to the text with no
@@ -132,7 +133,7 @@ def collect_media(messages: list[dict[str, Any]]) -> list[MediaRef]:
     for msg in messages:
         for part in msg["content"]:
             if part["type"] in ("image", "video"):
-                opts = {k: part[k] for k in ("num_frames", "fps", "max_frames") if part.get(k) is not None}
+                opts = {k: part[k] for k in ("num_frames", "fps", "max_frames", "frame_rate") if part.get(k) is not None}
                 refs.append(MediaRef(part["type"], part[part["type"]], opts))
     return refs
 

@@ -199,6 +199,7 @@ class Video:
     num_total_frames: int  # the number of frames that actually decode (or image files in the folder)
     native_fps: float | None  # None for a frame folder or a stream without rate information
     source: str  # the path, or "<bytes>"
+    duration: float | None = None  # seconds: container metadata, else frames / rate; None when unknown
 
 
 def _choose_indices(
@@ -222,7 +223,8 @@ def _pick(loaded: dict[int, Image.Image], indices: list[int]) -> list[Image.Imag
 
 
 def _load_frame_folder(
-    folder: str, num_frames: int, fps: float | None, max_frames: int | None, max_pixels: int
+    folder: str, num_frames: int, fps: float | None, max_frames: int | None, max_pixels: int,
+    frame_rate: float | None = None,
 ) -> Video:
     try:
         names = sorted(os.listdir(folder))
@@ -243,7 +245,8 @@ def _load_frame_folder(
         )
     indices = _choose_indices(len(files), None, num_frames, fps, max_frames)
     loaded = {i: load_image(os.path.join(folder, files[i]), max_pixels=max_pixels) for i in sorted(set(indices))}
-    return Video(_pick(loaded, indices), indices, len(files), None, folder)
+    duration = len(files) / frame_rate if frame_rate else None
+    return Video(_pick(loaded, indices), indices, len(files), frame_rate, folder, duration)
 
 
 def _open_container(opener: Callable[[], object], name: str) -> av.container.InputContainer:
@@ -270,9 +273,9 @@ def _iter_decoded(container: av.container.InputContainer, stream: av.VideoStream
         return
 
 
-def _probe(opener: Callable[[], object], name: str, max_pixels: int) -> tuple[int, float | None, int]:
-    """Cheap first look: demuxed video packets (a frame-count guess, no decoding), the fps, and the frame
-    count the container declares (0 when unknown)."""
+def _probe(opener: Callable[[], object], name: str, max_pixels: int) -> tuple[int, float | None, int, float | None]:
+    """Cheap first look: demuxed video packets (a frame-count guess, no decoding), the fps, the frame count
+    the container declares (0 when unknown) and the duration in seconds it declares (None when unknown)."""
     with _open_container(opener, name) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
@@ -286,7 +289,12 @@ def _probe(opener: Callable[[], object], name: str, max_pixels: int) -> tuple[in
                 count += packet.size > 0  # the final flush packet is empty
         except av.FFmpegError:
             pass  # a damaged tail: the decode pass establishes the real count
-        return count, native_fps, max(int(stream.frames or 0), 0)
+        duration = None
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        return count, native_fps, max(int(stream.frames or 0), 0), duration
 
 
 def _decode_pass(
@@ -312,7 +320,7 @@ def _decode_pass(
 def _load_video_file(
     opener: Callable[[], object], name: str, num_frames: int, fps: float | None, max_frames: int | None, max_pixels: int
 ) -> Video:
-    hint, native_fps, declared = _probe(opener, name, max_pixels)
+    hint, native_fps, declared, duration = _probe(opener, name, max_pixels)
     guess = _choose_indices(hint, native_fps, num_frames, fps, max_frames) if hint else []
     loaded, total = _decode_pass(opener, name, set(guess), max_pixels)
     if total == 0:
@@ -326,7 +334,9 @@ def _load_video_file(
         loaded, again = _decode_pass(opener, name, set(indices), max_pixels)
         if again != total:
             raise MediaError(f"{name!r} decodes inconsistently ({total} then {again} frames); it may be corrupt.")
-    return Video(_pick(loaded, indices), indices, total, native_fps, name)
+    if duration is None and native_fps:
+        duration = total / native_fps
+    return Video(_pick(loaded, indices), indices, total, native_fps, name, duration)
 
 
 def load_video(
@@ -336,8 +346,12 @@ def load_video(
     fps: float | None = None,
     max_frames: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    frame_rate: float | None = None,
 ) -> Video:
     """Sample RGB frames from a video file, the bytes of a video file, or a folder of frame images.
+
+    ``frame_rate``: the frames per second of a frame folder (its duration, for timestamps, and fps sampling);
+    a video file's own rate and duration come from its container.
 
     By default (`fps` None or 0) the frames are `sample_frame_indices(N, num_frames)`, N being the number of
     frames that really decode (image files, for a folder). With `fps` > 0 they are `fps_frame_indices(N,
@@ -364,6 +378,8 @@ def load_video(
     name = os.fspath(source)
     if not os.path.exists(name):
         raise MediaError(f"Video {name!r} does not exist.")
+    if frame_rate is not None and (not math.isfinite(frame_rate) or frame_rate <= 0):
+        raise MediaError(f"frame_rate must be a positive number, got {frame_rate!r}.")
     if os.path.isdir(name):
-        return _load_frame_folder(name, num_frames, fps, max_frames, max_pixels)
+        return _load_frame_folder(name, num_frames, fps, max_frames, max_pixels, frame_rate)
     return _load_video_file(lambda: name, name, num_frames, fps, max_frames, max_pixels)

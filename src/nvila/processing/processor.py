@@ -67,12 +67,14 @@ class Processor:
         num_frames: int | None = None,
         fps: float | None = None,
         max_frames: int | None = None,
+        frame_rate: float | None = None,
         add_generation_prompt: bool = True,
         training: bool = False,
     ) -> Prompt:
         """Read the media of ``messages``, plan and tile them, and tokenize the conversation.
 
-        ``num_frames`` / ``fps`` / ``max_frames`` are defaults for videos whose part does not set them;
+        ``num_frames`` / ``fps`` / ``max_frames`` / ``frame_rate`` (of a frame folder) are defaults for videos
+        whose part does not set them;
         without them the model's configured ``num_video_frames`` is used. With ``training`` the
         conversation ends with the assistant's answer and ``labels`` mark the assistant tokens.
         """
@@ -91,7 +93,8 @@ class Processor:
                     expansion[n_img] = (IMAGE_TOKEN + "\n") * item.plan.placeholders
                 n_img += 1
             else:
-                opts = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames} | ref.options
+                opts = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames,
+                        "frame_rate": frame_rate} | ref.options
                 key = ("video", _media_key(ref.source), tuple(sorted(opts.items())))
                 item = self._reused(key, lambda: self._video(ref.source, **opts))
             items.append(item)
@@ -134,7 +137,8 @@ class Processor:
         return MediaItem("image", image_pixels(image, plan, self.cfg), plan, key=_media_key(source))
 
     def _video(
-        self, source: Any, num_frames: int | None, fps: float | None, max_frames: int | None
+        self, source: Any, num_frames: int | None, fps: float | None, max_frames: int | None,
+        frame_rate: float | None = None,
     ) -> MediaItem:
         n = self.cfg.num_video_frames if num_frames is None else num_frames
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -143,13 +147,14 @@ class Processor:
         if fps and multiple > 1:
             raise PromptError("fps sampling gives a variable frame count, which this model's temporal pooling "
                               f"cannot take (it needs a multiple of {multiple} frames); use num_frames instead")
-        video = media_io.load_video(source, num_frames=n, fps=fps, max_frames=max_frames, max_pixels=self.max_pixels)
+        video = media_io.load_video(source, num_frames=n, fps=fps, max_frames=max_frames, max_pixels=self.max_pixels,
+                                    frame_rate=frame_rate)
         plan = plan_video(len(video.frames), self.cfg)
         frame = plan.frame_plan.tiles[0]
         frames = [f.resize(frame.resize) for f in video.frames]
         key = _media_key(source)
         key = None if key is None else f"{key}|{video.indices}"
-        return MediaItem("video", normalize(frames, self.cfg), plan, key=key)
+        return MediaItem("video", normalize(frames, self.cfg), plan, key=key, duration=video.duration)
 
     def _check_counts(self, prompt: Prompt) -> None:
         ids = prompt.input_ids

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API (FastAPI): ``/v1/chat/completions``, ``/v1/models``, ``/health``.
+"""OpenAI-compatible HTTP API (FastAPI): ``/v1/chat/completions``, ``/v1/models``, ``/health``; chat page at ``/``.
 
 Content is a plain string in responses, as in OpenAI's API. Media come as ``image_url`` / ``video_url``
 parts: ``data:`` base64 URLs always; local paths and ``file://`` URLs only inside ``--allowed-media-dir``;
@@ -14,14 +14,16 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from nvila.base.errors import NvilaError
 from nvila.generate import SamplingParams
@@ -36,6 +38,7 @@ class ServerSettings:
     media: MediaPolicy = MediaPolicy()
     max_body_bytes: int = 48 * 1024 * 1024
     default_max_tokens: int = 512
+    ui: bool = True  # the chat page at / (`--no-ui`: off)
 
 
 class ChatRequest(BaseModel):
@@ -57,6 +60,9 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     num_frames: int | None = Field(None, ge=1)
     fps: float | None = Field(None, gt=0)
+    response_format: dict[str, Any] | None = None   # text | json_object | json_schema (nvila.grammar)
+    frame_rate: float | None = Field(None, gt=0)     # frames per second of a frame-folder video (its duration)
+    time_tokens: Literal["seconds", "raw"] = "seconds"   # NVILA-8B-Video's <tK> in answers: as seconds, or as is
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
@@ -139,6 +145,14 @@ def create_app(pipe: Any, settings: ServerSettings, max_queue: int = 64, max_bat
                                      media_type="text/event-stream")
         return await _complete(job, rid, created, settings.model_id)
 
+    if settings.ui:  # the chat page: static files shipped in the package; public (the API key guards /v1/*)
+        static = Path(__file__).with_name("static")
+        app.mount("/static", StaticFiles(directory=static), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def chat_page() -> FileResponse:
+            return FileResponse(static / "index.html")
+
     return BodyLimit(app, settings.max_body_bytes)
 
 
@@ -179,16 +193,21 @@ def _install_handlers(app: Any, settings: ServerSettings) -> None:
 
 
 async def _prepare(pipe: Any, engine: Engine, settings: ServerSettings, req: ChatRequest) -> Job:
+    grammar = await run_in_threadpool(pipe.response_grammar, req.response_format)   # compiled once per schema
     messages = await run_in_threadpool(to_nvila_messages, req.messages, settings.media)
-    media = {k: v for k, v in (("num_frames", req.num_frames), ("fps", req.fps)) if v is not None}
+    media = {k: v for k, v in (("num_frames", req.num_frames), ("fps", req.fps), ("frame_rate", req.frame_rate))
+             if v is not None}
     prompt = await run_in_threadpool(pipe.prepare, messages, **media)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     params = SamplingParams(
         max_new_tokens=req.max_completion_tokens or req.max_tokens or settings.default_max_tokens,
         temperature=0.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed, stop=stop,
+        grammar=grammar,
     )
     job = Job(prompt, params, asyncio.get_running_loop())
+    if req.time_tokens == "seconds" and pipe.time_tokens is not None and pipe.clip_duration(prompt) is not None:
+        job.render = lambda text: pipe.render_time_tokens(text, prompt)
     engine.submit(job)
     return job
 
@@ -214,9 +233,12 @@ async def _complete(job: Job, rid: str, created: int, model: str) -> Any:
                 break
     finally:
         job.cancelled.set()
-    message = {"role": "assistant", "content": "".join(text)}
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": job.finish_reason, "logprobs": None}],
+    content, segments = job.render("".join(text)) if job.render else ("".join(text), [])
+    message = {"role": "assistant", "content": content}
+    choice = {"index": 0, "message": message, "finish_reason": job.finish_reason, "logprobs": None}
+    if job.render:                                    # time tokens: the spans their pairs give, in seconds
+        choice["segments"] = [{"start": s.start, "end": s.end} for s in segments]
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
             "usage": _usage(job)}
 
 
@@ -235,7 +257,7 @@ async def _sse(job: Job, rid: str, created: int, model: str, include_usage: bool
         while True:
             kind, value = await job.events.get()
             if kind == "text":
-                yield _chunk(rid, created, model, {"content": value}, None)
+                yield _chunk(rid, created, model, {"content": job.render(value)[0] if job.render else value}, None)
             elif kind == "error":
                 msg = str(value) if isinstance(value, NvilaError) else "internal error during generation"
                 yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"

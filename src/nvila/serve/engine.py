@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from nvila.base.errors import NvilaError
 from nvila.formats.plans import Prompt
@@ -36,6 +36,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 0
     finish_reason: str = "length"
+    # answer text -> (text with time tokens as seconds, segments); None: the text is returned as decoded
+    render: Callable[[str], tuple[str, list[Any]]] | None = None
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))

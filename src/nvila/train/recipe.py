@@ -30,8 +30,11 @@ from nvila.base.errors import ConfigError
 from nvila.builders.assemble import AssembleConfig
 from nvila.formats.config import IMAGE_MODES
 from nvila.formats.lora import LoraSettings
+from nvila.train.fp8 import FP8_PRECISIONS, FP8_RECIPES
 
-Precision = Literal["auto", "bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp32", "fp8", "fp8-emulated"]
+PRECISIONS = ("auto", "bf16", "fp32", *FP8_PRECISIONS)
+OPTIMIZERS = ("adamw", "adamw-fp8")
 SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 HUB_KEYS = {("model",), ("assemble", "llm"), ("assemble", "vision")}   # a folder or a Hub id
 PATH_KEYS = HUB_KEYS | {("output_dir",), ("train", "init_adapter"), ("data", "datasets", "*", "path"), ("data", "datasets", "*", "media_root")}
@@ -78,6 +81,8 @@ class TrainConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0             # 0 disables clipping
     precision: Precision = "auto"
+    fp8_recipe: Literal["tensorwise", "rowwise"] | None = None   # precision fp8*: scaling (default tensorwise)
+    optimizer: Literal["adamw", "adamw-fp8"] = "adamw"            # adamw-fp8: torchao AdamWFp8 (FP8 states)
     gradient_checkpointing: bool = False
     frozen_dtype: Literal["fp32", "bf16"] = "fp32"   # bf16: frozen weights stored in bf16, math in fp32
     save_every: int = 0                    # optimizer steps between resumable checkpoints (0: end only)
@@ -279,8 +284,16 @@ def validate(r: Recipe) -> None:
         _positive(getattr(t, name), f"train.{name}", zero_ok=True)
     if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {t.precision!r}")
+    if t.fp8_recipe is not None:
+        if t.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"train.fp8_recipe must be one of {list(FP8_RECIPES)}, got {t.fp8_recipe!r}")
+        if t.precision not in FP8_PRECISIONS:
+            raise ConfigError(f"train.fp8_recipe is for precision fp8 or fp8-emulated; this recipe's precision is "
+                              f"{t.precision}: remove fp8_recipe or set the precision")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {t.optimizer!r}")
     if t.frozen_dtype not in ("fp32", "bf16"):
         raise ConfigError(f"train.frozen_dtype must be fp32 or bf16, got {t.frozen_dtype!r}")
     if t.distributed not in ("ddp", "fsdp"):

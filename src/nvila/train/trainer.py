@@ -11,6 +11,8 @@ counted before the forward), so one process with gradient accumulation and N pro
 global batch compute the same loss and the same update.
 
 Distributed: launched by ``torchrun``, the model is wrapped by DDP or FSDP2 (:mod:`nvila.train.distributed`).
+
+Precision: fp32, bf16 autocast, or FP8 linears (torchao, :mod:`nvila.train.fp8`) inside bf16 autocast.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from nvila.formats.plans import Prompt
 from nvila.processing.processor import Processor
 from nvila.train.data import Sample, load_dataset, training_prompt
 from nvila.train.distributed import init_distributed, wrap
+from nvila.train.fp8 import FP8_PRECISIONS, check_fp8_device, convert_to_fp8, make_optimizer, restore_linears
 from nvila.train.loss import LossModule, supervised_tokens
 from nvila.train.lowmem import store_frozen_in
 from nvila.train.mixture import Mixture
@@ -84,13 +87,13 @@ class Trainer:
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.train
         self.dist = init_distributed(self.device_pref)
+        self.precision = _precision(t.precision, self.dist.device)      # refuses fp8 without FP8 hardware
         self._check_output()
         _seed_everything(r.seed)
         self.source = self._resolve_source()
         self.ckpt = self._load_model()
         model = self.ckpt.model
         self.trainable_counts = self._prepare_model(model)
-        self.precision = _precision(t.precision, self.dist.device)
         self.max_length = min(r.data.max_length or model.cfg.model_max_length, model.cfg.model_max_length)
         self.samples = self._load_data()
         self.mixture = Mixture([s for s, _ in self.samples], [ratio for _, ratio in self.samples], r.seed)
@@ -114,13 +117,19 @@ class Trainer:
                 self._summary()
 
     def _prepare_model(self, model: nn.Module) -> dict[str, int]:
-        """Trainable parts, LoRA, frozen-weight storage and activation checkpointing; trainable counts."""
+        """Trainable parts, LoRA, FP8 linears, frozen-weight storage and activation checkpointing; trainable
+        counts. FP8 comes after LoRA (the frozen base_layer under each LoRA layer is converted)."""
         t = self.recipe.train
         counts = set_trainable(model, t.parts)
         if t.init_adapter is not None:
             counts["llm"] += _continue_adapter(model, t.init_adapter, t.lora)
         elif t.lora is not None:
             counts["llm"] += apply_lora(model, t.lora)
+        self.fp8_layers: list[str] = []
+        if self.precision in FP8_PRECISIONS:
+            frozen = torch.bfloat16 if t.frozen_dtype == "bf16" else None
+            self.fp8_layers = convert_to_fp8(model, t.fp8_recipe or "tensorwise", self.precision == "fp8-emulated",
+                                             frozen)
         if t.frozen_dtype == "bf16":
             store_frozen_in(model, torch.bfloat16)
         if t.gradient_checkpointing:
@@ -139,7 +148,7 @@ class Trainer:
         params = dict(model.named_parameters())   # FSDP replaces parameters by sharded ones of the same name
         for g, members in zip(groups, group_names):
             g["params"] = [params[n] for n in members]
-        self.optimizer = torch.optim.AdamW(groups, betas=t.betas, eps=t.eps)
+        self.optimizer = make_optimizer(t.optimizer, groups, t.betas, t.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _summary(self) -> None:
@@ -150,6 +159,9 @@ class Trainer:
         print(f"nvila train: {self.mixture.epoch_size} samples/epoch, global batch {self.global_batch} "
               f"({self.dist.world} process(es)), steps {self.step}->{self.total_steps}, precision {self.precision}; "
               f"trainable: {parts}", file=sys.stderr)
+        if self.fp8_layers:
+            print(f"nvila train: {len(self.fp8_layers)} LLM/ViT linears in FP8 "
+                  f"({self.recipe.train.fp8_recipe or 'tensorwise'} scaling)", file=sys.stderr)
         if self.skipped:
             print(f"nvila train: skipped {len(self.skipped)} samples longer than max_length={self.max_length} "
                   f"(first: {self.skipped[:5]})", file=sys.stderr)
@@ -273,7 +285,8 @@ class Trainer:
         if n_global == 0:
             raise NvilaError(f"step {self.step + 1}: the global batch has no supervised (assistant) tokens")
         ce_total = 0.0
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        low = self.precision == "bf16" or self.precision in FP8_PRECISIONS      # FP8 linears inside bf16 autocast
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if low else nullcontext()
         for m, micro in enumerate(prompts):
             last = m == len(prompts) - 1
             sync = self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last else nullcontext()
@@ -286,7 +299,7 @@ class Trainer:
         clip = self.recipe.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        lrs = {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}   # adamw-fp8 keeps lr as a tensor
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -340,6 +353,7 @@ class Trainer:
                 raise NvilaError(f"cannot export: tensors {missing[:3]} are not in the model")
             model.load_state_dict(weights, strict=False)
             self.ckpt.model = model
+        restore_linears(model)              # FP8 runs: plain nn.Linear again, same parameters
         model.eval()
         if self.recipe.train.lora is not None:
             base = self.recipe.model or str(self.out / "init")
@@ -402,20 +416,16 @@ def _checkpoint_activations(module: nn.Module) -> None:
 
 def _precision(value: str, device: torch.device) -> str:
     if value != "auto":
-        if value == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("train.precision bf16 was requested but this GPU does not support bfloat16")
+        check_fp8_device(value, device)
+        if value != "fp32" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision {value} was requested (bf16 autocast) but this GPU does not support "
+                              "bfloat16")
         return value
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     # CPU: bf16 autocast's backward GEMMs fall back to a generic kernel far slower than fp32's (torch 2.13),
     # so CPU training runs in fp32 unless asked otherwise.
     return "fp32"
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _seed_everything(seed: int) -> None:
