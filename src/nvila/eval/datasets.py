@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,18 +19,23 @@ from typing import Callable
 from nvila.base.errors import NvilaError
 
 ONE_WORD = "Answer with one word."
+NANO_VIDEO_DEFAULT = "data/nano-video"     # where `nvila nano video-data` writes by default
 
 
 @dataclass(frozen=True)
 class EvalItem:
     id: str
-    image: str                 # path of the image the question is about
+    image: str                 # path of the image the question is about (kind "video": a video or frame folder)
     question: str              # the text sent to the model (instruction included)
     answers: tuple[str, ...]   # accepted answers
+    kind: str = "image"        # the media's content part type: "image" or "video"
+    question_type: str = ""    # when set, evaluation reports accuracy_by_question_type
 
 
-def easy_vqa(split: str) -> list[EvalItem]:
+def easy_vqa(split: str, data: str | os.PathLike | None = None) -> list[EvalItem]:
     """easy-VQA (pip package ``easy-vqa``): 64x64 images of one coloured shape; 13 one-word answers."""
+    if data is not None:
+        raise NvilaError("easy-vqa is read from its pip package; --data does not apply")
     if split not in ("train", "test"):
         raise NvilaError(f"easy-vqa has splits 'train' and 'test', not {split!r}")
     try:
@@ -41,13 +47,38 @@ def easy_vqa(split: str) -> list[EvalItem]:
                      (answer,)) for i, (text, answer, image_id) in enumerate(questions)]
 
 
-DATASETS: dict[str, Callable[[str], list[EvalItem]]] = {"easy-vqa": easy_vqa}
+def nano_video(split: str, data: str | os.PathLike | None = None) -> list[EvalItem]:
+    """NVILA-Nano's synthetic video questions (:mod:`nvila.eval.video_shapes`, one per clip) from the folder
+    ``data`` (default ``data/nano-video``), as ``nvila nano video-data`` wrote it."""
+    if split not in ("train", "test"):
+        raise NvilaError(f"nano-video has splits 'train' and 'test', not {split!r}")
+    root = Path(data or NANO_VIDEO_DEFAULT).absolute()
+    path = root / f"{split}.jsonl"
+    if not path.is_file():
+        raise NvilaError(f"the nano-video {split} split is missing ({path} does not exist); generate it with "
+                         f"`nvila nano video-data --out {root}`, or pass the folder it was written to with --data")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            video, text = rec["messages"][0]["content"]
+            meta = rec["metadata"]
+            items.append(EvalItem(rec["id"], str(root / video["video"]), text["text"], tuple(meta["answers"]),
+                                  kind="video", question_type=meta["question_type"]))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise NvilaError(f"{path} line {n} is not a nano-video record ({type(e).__name__}: {e}); "
+                             "regenerate the folder with `nvila nano video-data`") from None
+    return items
 
 
-def load_eval(name: str, split: str) -> list[EvalItem]:
+DATASETS: dict[str, Callable[..., list[EvalItem]]] = {"easy-vqa": easy_vqa, "nano-video": nano_video}
+
+
+def load_eval(name: str, split: str, data: str | os.PathLike | None = None) -> list[EvalItem]:
+    """The questions of a dataset split; ``data``: the dataset's folder, for datasets generated on disk."""
     if name not in DATASETS:
         raise NvilaError(f"unknown evaluation dataset {name!r}; known: {sorted(DATASETS)}")
-    return DATASETS[name](split)
+    return DATASETS[name](split, data)
 
 
 def to_training_records(items: list[EvalItem], per_conversation: int = 0, shuffle_seed: int | None = None) -> list[dict]:

@@ -39,7 +39,7 @@ def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new
     start = time.perf_counter()
     with ProgressBar("eval", len(items), "items", enabled=progress) as bar:
         for chunk in chunks:
-            convs = [[{"role": "user", "content": [{"type": "image", "image": items[i].image},
+            convs = [[{"role": "user", "content": [{"type": items[i].kind, items[i].kind: items[i].image},
                                                    {"type": "text", "text": items[i].question}]}] for i in chunk]
             for i, g in zip(chunk, pipe.generate_batch(convs, max_new_tokens=max_new_tokens)):
                 predictions[i] = g.text
@@ -47,12 +47,17 @@ def evaluate(pipe: Any, items: Sequence[EvalItem], batch_size: int = 16, max_new
     seconds = time.perf_counter() - start
     correct = [is_correct(predictions[i], items[i].answers) for i in range(len(items))]
     by_answer: dict[str, list[bool]] = defaultdict(list)
+    by_type: dict[str, list[bool]] = defaultdict(list)
     for item, ok in zip(items, correct):
         by_answer[item.answers[0]].append(ok)
+        if item.question_type:
+            by_type[item.question_type].append(ok)
+    per_type = {q: sum(v) / len(v) for q, v in sorted(by_type.items())}
     return {
         "accuracy": sum(correct) / max(1, len(items)), "n": len(items), "correct": sum(correct),
         "seconds": seconds, "items_per_s": len(items) / seconds if seconds else 0.0,
         "accuracy_by_answer": {a: sum(v) / len(v) for a, v in sorted(by_answer.items())},
+        **({"accuracy_by_question_type": per_type} if per_type else {}),
         "predictions": [{"id": items[i].id, "question": items[i].question, "prediction": predictions[i],
                          "answers": list(items[i].answers), "correct": correct[i]} for i in range(len(items))],
     }
