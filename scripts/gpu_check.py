@@ -63,11 +63,14 @@ def fixture_cases(quick: bool) -> list[tuple[str, dict]]:
     return cases
 
 
-def messages(spec: dict) -> list[dict]:
-    parts = [{"type": "image", "image": str(FIXTURES / p)} for p in spec["images"]]
-    if spec["video"]:
-        parts.append({"type": "video", "video": str(FIXTURES / spec["video"])})
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": spec["prompt"]}]}]
+def parity_report() -> Any:
+    """recipes/parity/report.py (`make parity`), for its fixture prompts: the one place they are built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("parity_report", ROOT / "recipes" / "parity" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def device() -> str:
@@ -85,13 +88,14 @@ def fixture_run(dtype: str, quick: bool) -> list[dict[str, Any]]:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    prompts = parity_report()
     pipes: dict[str, Any] = {}
     rows = []
     for case, spec in fixture_cases(quick):
         variant = case.split("/")[0]
         if variant not in pipes:
             pipes[variant] = nvila.load(FIXTURES / "checkpoints" / variant, dtype=dtype, device=device())
-        pipe, msgs = pipes[variant], messages(spec)
+        pipe, msgs = pipes[variant], prompts.messages(spec)
         ref = json.loads((FIXTURES / "outputs" / f"{case}.json").read_text())
         want = np.load(FIXTURES / "outputs" / f"{case}.npz")["last_logits"]
         prompt = pipe.prepare(msgs)

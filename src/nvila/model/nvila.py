@@ -81,26 +81,19 @@ class NvilaModel(nn.Module):
         return self.llm.get_input_embeddings()(self.end_token_ids)
 
     def embed_media(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D).
+        """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D): each row of
+        visual tokens (:meth:`media_rows`) followed by the end embeddings.
 
         ``feats`` are the ViT tokens of all media tiles when already computed (benchmarks time the
         vision tower separately).
         """
-        if not media:
-            return []
-        if feats is None:
-            feats = self.encode_tiles(torch.cat([m.pixels for m in media]))
-        blocks: list[torch.Tensor] = []
-        start = 0
-        for item in media:
-            n = item.pixels.shape[0]
-            blocks += self._item_blocks(item, feats[start : start + n])
-            start += n
-        return blocks
+        end = self.end_embeds()
+        return [torch.cat([torch.cat([r.to(end.device), end.to(r.dtype)]) for r in rows])
+                for rows in self.media_rows(media, feats)]
 
     def media_rows(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
         """Visual tokens of every placeholder of ``media``, without the end embeddings: for each placeholder a
-        list of (n, D) rows, each of which :meth:`embed_media` follows with the end embeddings."""
+        list of (n, D) rows (a tile, a frame or a pooled frame group; a Dynamic-S2 image is one row)."""
         if not media:
             return []
         if feats is None:
@@ -112,11 +105,6 @@ class NvilaModel(nn.Module):
             out += self._item_rows(item, feats[start : start + n])
             start += n
         return out
-
-    def _item_blocks(self, item: MediaItem, feats: torch.Tensor) -> list[torch.Tensor]:
-        end = self.end_embeds()
-        return [torch.cat([torch.cat([r.to(end.device), end.to(r.dtype)]) for r in rows])
-                for rows in self._item_rows(item, feats)]
 
     def _item_rows(self, item: MediaItem, feats: torch.Tensor) -> list[list[torch.Tensor]]:
         plan = item.plan
