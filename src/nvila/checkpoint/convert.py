@@ -72,17 +72,8 @@ def _write_hf(folder: Folder, tmp: Path) -> None:
     for name, data in files.items():
         (tmp / name).write_bytes(data)
     # One output shard per source file, parts in a fixed order; keys get the part's prefix.
-    shards = [(part, file) for part in PARTS for file in folder.sources[part].files]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, (part, file) in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _read(folder.sources[part], file)
-        renamed = {HF_PREFIX[part] + k: t for k, t in tensors.items()}
-        save_file(renamed, str(tmp / name), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(renamed, name)
-        total += sum(t.numel() * t.element_size() for t in renamed.values())
-    write_json(tmp / SHARD_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_shards(tmp, [(folder.sources[part], file, HF_PREFIX[part]) for part in PARTS
+                        for file in folder.sources[part].files], single_file=False)
 
 
 def _write_llava(folder: Folder, tmp: Path) -> None:
@@ -93,19 +84,36 @@ def _write_llava(folder: Folder, tmp: Path) -> None:
         for name, data in folder.files[part].items():
             (d / name).write_bytes(data)
         source = folder.sources[part]
-        groups = [(file, t) for file in source.files if (t := _read(source, file))]
-        if not groups:
-            raise CheckpointError(f"{folder.sources[part].folder} has no tensors under {source.prefix!r}")
-        if len(groups) == 1:
-            save_file(groups[0][1], str(d / SINGLE_WEIGHTS), metadata={"format": "pt"})
-            continue
-        weight_map, total = {}, 0
-        for i, (_, tensors) in enumerate(groups, 1):
-            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            save_file(tensors, str(d / name), metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(tensors, name)
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(d / SHARD_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        shards = [(source, file, "") for file in source.files if _holds_part(source, file)]
+        if not shards:
+            raise CheckpointError(f"{source.folder} has no tensors under {source.prefix!r}")
+        _write_shards(d, shards, single_file=True)
+
+
+def _write_shards(out: Path, shards: list[tuple[PartSource, Path, str]], single_file: bool) -> None:
+    """Each (source, file, key prefix) becomes one output safetensors file, read and written one at a time (peak
+    memory: one shard): ``model.safetensors`` for a single shard when ``single_file``, else
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+    index = not (single_file and len(shards) == 1)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (source, file, prefix) in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if index else SINGLE_WEIGHTS
+        tensors = {prefix + k: v for k, v in _read(source, file).items()}
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, name)
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+    if index:
+        write_json(out / SHARD_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _holds_part(source: PartSource, file: Path) -> bool:
+    """Whether a safetensors file has any of the part's tensors (reads the header only)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return bool(source.keys(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
 
 
 def _read(source: PartSource, file: Path) -> dict:

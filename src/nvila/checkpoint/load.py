@@ -9,7 +9,6 @@ checkpoint: the linears it lists are swapped for quantized modules before the st
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +94,8 @@ class Folder:
     files: dict[str, dict[str, bytes]]             # "" (top level) and each part, llava names
     sources: dict[str, PartSource]
     tokenizer_dir: Path
+    preprocessor: dict[str, Any] | None = None     # the vision tower's preprocessor_config.json, parsed
+    quant: dict[str, Any] | None = None            # quant_config.json of a quantized folder, parsed
 
 
 def read_folder(root: Path) -> Folder:
@@ -103,28 +104,31 @@ def read_folder(root: Path) -> Folder:
     if layout == "hf":
         return _read_hf(root)
     top = {CONFIG: (root / CONFIG).read_bytes()}
+    quant = pre = None
     if (root / QUANT_CONFIG).is_file():
-        read_json(root / QUANT_CONFIG)                               # a broken file is named here
+        quant = read_json(root / QUANT_CONFIG)
         top[QUANT_CONFIG] = (root / QUANT_CONFIG).read_bytes()
     if (root / "vision_tower" / PREPROCESSOR).is_file():
-        read_json(root / "vision_tower" / PREPROCESSOR)
+        pre = read_json(root / "vision_tower" / PREPROCESSOR)
     files = {"": top} | {part: non_weight_files(root / part) for part in PARTS}
     configs = {"": read_json(root / CONFIG)} | {part: read_json(root / part / CONFIG) for part in PARTS}
-    return Folder(layout, configs, files, {part: PartSource.of(root / part) for part in PARTS}, root / "llm")
+    return Folder(layout, configs, files, {part: PartSource.of(root / part) for part in PARTS}, root / "llm",
+                  pre, quant)
 
 
 def _read_hf(root: Path) -> Folder:
     configs = llava_configs(read_json(root / CONFIG))
     files: dict[str, dict[str, bytes]] = {part: {CONFIG: json_bytes(configs[part])} for part in PARTS}
     files[""] = {CONFIG: json_bytes(configs[""])}
+    pre = None
     for p in sorted(root.iterdir()):
         if not p.is_file() or p.name.endswith(WEIGHT_SUFFIXES) or p.name in HF_ONLY_FILES or p.suffix == ".py":
             continue
         if p.name == PREPROCESSOR:
-            read_json(p)                                             # a broken file is named here
+            pre = read_json(p)
         files["vision_tower" if p.name == PREPROCESSOR else "llm"][p.name] = p.read_bytes()
     sources = {part: PartSource.of(root, HF_PREFIX[part]) for part in PARTS}
-    return Folder("hf", configs, files, sources, root)
+    return Folder("hf", configs, files, sources, root, pre)
 
 
 @dataclass
@@ -174,7 +178,6 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     root = resolve(path_or_id)
     folder = read_folder(root)
     sub = folder.configs
-    quant = json.loads(folder.files[""][QUANT_CONFIG]) if QUANT_CONFIG in folder.files[""] else None
     cfg = folder_config(folder)
 
     arch = (sub["vision_tower"].get("architectures") or ["SiglipVisionModel"])[0]
@@ -190,7 +193,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
                        dtypes["mm_projector"])
     llm = _build(AutoModelForCausalLM, lcfg, dtypes["llm"])
     for part, module in (("vision_tower", vision_model), ("mm_projector", projector), ("llm", llm)):
-        _quantized_skeleton(module, part, quant)
+        _quantized_skeleton(module, part, folder.quant)
         records[part] = load_weights(module, folder.sources[part], part)
         records[part].files = folder.files[part]
 
@@ -203,10 +206,9 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 def folder_config(folder: Folder) -> NvilaConfig:
     """The typed configuration of a checkpoint folder (no tensors read)."""
-    pre_bytes = folder.files["vision_tower"].get(PREPROCESSOR)
-    pre = json.loads(pre_bytes) if pre_bytes is not None else None
     sub = folder.configs
-    return NvilaConfig.from_official(sub[""], sub["vision_tower"], sub["mm_projector"], sub["llm"], pre)
+    return NvilaConfig.from_official(sub[""], sub["vision_tower"], sub["mm_projector"], sub["llm"],
+                                     folder.preprocessor)
 
 
 def transformers_config(folder: Folder, part: str) -> Any:
