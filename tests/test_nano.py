@@ -12,6 +12,7 @@ import torch
 import nvila
 from nvila.base.errors import CheckpointError
 from nvila.builders import nano
+from nvila.processing.tiling import plan_video
 
 pytest.importorskip("onnx")
 
@@ -235,3 +236,28 @@ def test_two_stage_nano_training_steps_and_shipping(nano_base: Path, tmp_path: P
     assert int(rounded.argmax()) == int(trained.argmax())
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         nano.ship_adapter(tmp_path, tmp_path / "nothing")
+
+
+def test_nano_video_recipe_and_ablation_arms() -> None:
+    from nvila.formats.config import VideoEncoderConfig, with_media_settings
+    from nvila.train.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    video = root / "recipes" / "nano-video" / "video.yaml"
+    b = load_recipe(video)
+    assert b.model == "nvila:nano-base" and Path(b.train.init_adapter) == root / "recipes" / "nano-video" / "image-adapter"
+    assert b.train.parts["vision"] == "frozen" and b.train.feature_cache is not None
+    assert (b.data.num_video_frames, b.data.video_frame_size, b.data.video_pool) == (32, 168, [[4, 1, 1]])
+    a = load_recipe(video, ["data.num_video_frames=8", "data.video_pool=[]"])
+    c = load_recipe(video, ["data.video_pool=[]"])
+    # the arms differ in their frame settings only
+    same = lambda r: (r.train, r.seed, r.data.datasets, r.data.max_length)          # noqa: E731
+    assert same(a) == same(b) == same(c)
+    cfg = nvila.load("nvila:nano-base", dtype="float32").config
+    tokens = {}
+    for name, r in (("a", a), ("b", b), ("c", c)):
+        arm = with_media_settings(cfg, {k: getattr(r.data, k) for k in ("num_video_frames", "video_frame_size",
+                                                                         "video_pool")})
+        tokens[name] = plan_video(arm.num_video_frames, arm).num_embeddings
+    assert tokens == {"a": 8 * 17, "b": 8 * 17, "c": 32 * 17}        # 168 px: 12x12 patches, 3x3 fold -> 4x4 + end
+    assert with_media_settings(cfg, {"video_pool": []}).video_encoder == VideoEncoderConfig()

@@ -129,7 +129,7 @@ def time_once(pipe: Any, messages: Any, new_tokens: int, media_options: dict[str
     t0 = time.perf_counter()
     prompt = pipe.prepare(messages, **media_options)
     t1 = time.perf_counter()
-    feats = model.encode_tiles(torch.cat([m.pixels for m in prompt.media])) if prompt.media else None
+    feats = model.encode_media(prompt.media) if prompt.media else None
     _sync(dev)
     t2 = time.perf_counter()
     x = model.fuse(prompt.input_ids, model.embed_media(prompt.media, feats))

@@ -57,6 +57,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: Layout, replace:
 
 def _write_hf(folder: Folder, tmp: Path) -> None:
     cfg = folder_config(folder)
+    if cfg.video_frame_size is not None:
+        raise CheckpointError(
+            f"this checkpoint sets video_frame_size={cfg.video_frame_size} (video frames smaller than image tiles), "
+            "an nvila setting that the '-hf' format and its consumers do not have; serve it with `nvila serve`")
     tokenizer, template, _, media_ids, _ = load_tokenizer(folder.tokenizer_dir, cfg.chat_template,
                                                            transformers_config(folder, "llm"))
     c = folder.configs

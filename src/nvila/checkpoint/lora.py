@@ -31,6 +31,7 @@ from torch import nn
 
 from nvila.base.errors import CheckpointError, ConfigError
 from nvila.base.files import atomic_dir, read_json, write_json
+from nvila.formats.config import with_media_settings
 from nvila.formats.layout import ADAPTER_CONFIG as CONFIG_FILE
 from nvila.formats.layout import ADAPTER_FORMAT_VERSION as FORMAT_VERSION
 from nvila.formats.layout import ADAPTER_LORA as LORA_FILE
@@ -113,13 +114,15 @@ def merge_lora(model: NvilaModel) -> None:
 # ---- save ------------------------------------------------------------------------------------------
 def save_adapter(
     model: NvilaModel, out_dir: str | os.PathLike, settings: LoraSettings, base: str | None = None,
-    replace: bool = False,
+    replace: bool = False, config: dict[str, Any] | None = None,
 ) -> Path:
     """Write the LoRA tensors and every other trainable tensor as an adapter folder (atomically).
 
     ``settings`` must be the ones ``apply_lora`` used; ``base`` (path or Hub id of the base checkpoint)
     is recorded for people and tools, not checked when loading. ``replace``: an existing adapter folder is
-    replaced once the new one is complete.
+    replaced once the new one is complete. ``config``: media settings the adapter was trained with
+    (:data:`nvila.formats.config.MEDIA_SETTINGS`, e.g. ``{"num_video_frames": 32, "video_pool": [[4, 1, 1]]}``),
+    applied to the model's config whenever the adapter is loaded.
     """
     from safetensors.torch import save_file
 
@@ -138,6 +141,9 @@ def save_adapter(
         "lora_tensors": len(lora),
         "non_lora_tensors": sorted(other),
     }
+    if config:
+        with_media_settings(model.cfg, config)          # refuses unknown or impossible settings now
+        meta["config"] = dict(config)
     with atomic_dir(out_dir, replace=replace) as tmp:
         settings.peft_config(base).save_pretrained(str(tmp))
         save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
@@ -185,6 +191,7 @@ def load_adapter(model: NvilaModel, adapter_dir: str | os.PathLike) -> None:
     Also reads plain peft LLM adapters (no nvila_adapter.json). Every tensor is checked before any is
     copied; a missing, unexpected or mis-shaped one raises CheckpointError and leaves the model as it was.
     Inside the LLM, ``requires_grad`` ends up as after :func:`apply_lora` (only LoRA), so training can resume.
+    The media settings the adapter records (``config``) replace the model's.
     """
     folder = find_adapter(adapter_dir)
     meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else None
@@ -195,6 +202,11 @@ def load_adapter(model: NvilaModel, adapter_dir: str | os.PathLike) -> None:
     if meta is not None and meta.get("non_lora_tensors") and not has_other:
         raise CheckpointError(f"{folder} is missing {OTHER_FILE}, which {META_FILE} lists")
     config = _read_config(folder)
+    media = meta.get("config") if meta is not None else None
+    try:
+        new_cfg = with_media_settings(model.cfg, media) if media else model.cfg
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / META_FILE}: its media settings do not fit this base model: {e}") from None
     if has_lora(model):
         raise ConfigError("model.llm already has LoRA layers; load the adapter into a fresh base model")
     try:
@@ -210,6 +222,7 @@ def load_adapter(model: NvilaModel, adapter_dir: str | os.PathLike) -> None:
         with torch.no_grad():
             for file, targets, _ in sources:
                 _copy_tensors(file, targets)
+        model.cfg = new_cfg
     except BaseException:
         _unwrap(model.llm, merge=False)
         raise

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "training files; video-data: write synthetic video clips and questions (train and test); "
                    "ship: install a trained adapter as the shipped NVILA-Nano weights")
     p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder "
-                   "(default data/easy-vqa); video-data: output folder (default data/nano-video)")
+                   "(default data/easy-vqa); video-data: output folder (default data/nano-video); ship: where to install "
+                   "the adapter (default: the package's shipped adapter folder)")
     p.add_argument("--adapter", default="runs/nano/5-tune/adapter", help="ship: the trained adapter folder "
                    "(default: runs/nano/5-tune/adapter, what `make nano` trains last)")
     p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "ship":
         from nvila.builders.nano import ship_adapter
 
-        print(json.dumps({"adapter": str(ship_adapter(args.adapter, dtype=args.ship_dtype))}))
+        print(json.dumps({"adapter": str(ship_adapter(args.adapter, args.out, dtype=args.ship_dtype))}))
         return 0
     base = build(args.out, force=args.force) if args.action == "build" else build(args.out)
     print(json.dumps({"base": str(base), "adapter": str(trained_adapter()) if trained_adapter() else None}))

@@ -80,6 +80,7 @@ class NvilaConfig:
     select_feature: Literal["cls_patch", "patch"] = "cls_patch"
     num_video_frames: int = DEFAULT_NUM_VIDEO_FRAMES
     video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    video_frame_size: int | None = None  # pixels per (square) video frame; None: tile_size (every released model)
     num_time_tokens: int = 0            # NVILA-8B-Video's <t0>..<tN-1> (nvila.processing.timestamps)
     time_token_format: str = "<t{t}>"
     model_max_length: int = 8192        # context limit used to reject over-long prompts
@@ -98,6 +99,16 @@ class NvilaConfig:
     def downsample(self) -> int:
         """Side of the space-to-channel block of the projector (2 or 3)."""
         return downsample_factor(self.projector_type)
+
+    @property
+    def frame_size(self) -> int:
+        """Pixels per side of one video frame: ``video_frame_size`` when set, else the tile size."""
+        return self.video_frame_size or self.tile_size
+
+    @property
+    def frame_token_side(self) -> int:
+        """LLM tokens per side of one (unpooled) video frame after the projector."""
+        return -(-(self.frame_size // self.patch_size) // self.downsample)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -154,6 +165,7 @@ class NvilaConfig:
             select_feature=_select_feature(raw.get("mm_vision_select_feature", "cls_patch")),
             num_video_frames=_int(raw.get("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES), "num_video_frames"),
             video_encoder=parse_video_encoder(raw.get("video_encoder")),
+            video_frame_size=_optional_int(raw.get("video_frame_size"), "video_frame_size"),
             num_time_tokens=_int(raw.get("num_time_tokens", 0) or 0, "num_time_tokens"),
             time_token_format=_time_format(raw.get("time_token_format")),
             model_max_length=_int(llm_max, "model_max_length"),
@@ -178,6 +190,10 @@ class NvilaConfig:
             raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
         if self.num_video_frames < 1:
             raise ConfigError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
+        if self.video_frame_size is not None and (self.video_frame_size < self.patch_size
+                                                  or self.video_frame_size % self.patch_size):
+            raise ConfigError(f"video_frame_size {self.video_frame_size} must be a positive multiple of the patch "
+                              f"size {self.patch_size}")
 
     def to_official(self) -> dict[str, Any]:
         """The top-level ``config.json`` dict: ``raw`` with every typed setting under its official key.
@@ -309,6 +325,10 @@ def _optional_str(value: Any, name: str) -> str | None:
     return value or None
 
 
+def _optional_int(value: Any, name: str) -> int | None:
+    return None if value is None else _int(value, name)
+
+
 def _check_image_encoder(value: Any) -> None:
     if value is None:
         return
@@ -384,6 +404,55 @@ _TOP_LEVEL: dict[str, tuple[str, Any]] = {
     "select_layer": ("mm_vision_select_layer", -2),
     "select_feature": ("mm_vision_select_feature", "cls_patch"),
     "num_video_frames": ("num_video_frames", DEFAULT_NUM_VIDEO_FRAMES),
+    "video_frame_size": ("video_frame_size", None),
     "num_time_tokens": ("num_time_tokens", 0),
     "time_token_format": ("time_token_format", "<t{t}>"),
 }
+
+
+# ---- media settings a recipe may change (recorded in adapters) ----------------------------------------------
+# name -> what it sets. A recipe's ``data`` section and an adapter's ``nvila_adapter.json`` ("config") use
+# these names, so a LoRA adapter trained with 32 TSP-pooled frames loads with 32 TSP-pooled frames.
+MEDIA_SETTINGS = ("image_mode", "max_tiles", "num_video_frames", "video_frame_size", "video_pool")
+
+
+def with_media_settings(cfg: NvilaConfig, settings: dict[str, Any]) -> NvilaConfig:
+    """``cfg`` with some of :data:`MEDIA_SETTINGS` changed (``video_pool``: TSP ``[[t, h, w], ...]``, ``[]`` for
+    no pooling); the projector's input width cannot change, so switching to or from dynamic_s2 is refused."""
+    unknown = sorted(set(settings) - set(MEDIA_SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown media setting(s) {unknown}; known: {list(MEDIA_SETTINGS)}")
+    changes = {k: v for k, v in settings.items() if k != "video_pool"}
+    mode = changes.get("image_mode", cfg.image_mode)
+    if (mode == "dynamic_s2") != (cfg.image_mode == "dynamic_s2"):
+        raise ConfigError(f"image_mode {mode!r} does not fit this checkpoint ({cfg.image_mode}): switching to or "
+                          "from dynamic_s2 changes the projector's input width")
+    if "video_pool" in settings:
+        changes["video_encoder"] = video_pool(settings["video_pool"])
+    new = dataclasses.replace(cfg, **changes)
+    new.validate()
+    return new
+
+
+def video_pool(value: Any) -> VideoEncoderConfig:
+    """``[[t, h, w], ...]`` -> TSP pooling; ``[]`` or None -> no pooling (every frame kept)."""
+    if not value:
+        return VideoEncoderConfig()
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                              for x in p) for p in value)
+    if not ok:
+        raise ConfigError(f"video_pool must be a list of [t, h, w] positive integers, e.g. [[4, 1, 1]]; got {value!r}")
+    return VideoEncoderConfig("tsp", tuple(tuple(p) for p in value))
+
+
+def media_settings_of(cfg: NvilaConfig, base: NvilaConfig) -> dict[str, Any]:
+    """The :data:`MEDIA_SETTINGS` where ``cfg`` differs from ``base``, as plain JSON values."""
+    out: dict[str, Any] = {}
+    for name in MEDIA_SETTINGS:
+        if name == "video_pool":
+            if cfg.video_encoder != base.video_encoder:
+                out[name] = [list(p) for p in cfg.video_encoder.pool_sizes]
+        elif getattr(cfg, name) != getattr(base, name):
+            out[name] = getattr(cfg, name)
+    return out

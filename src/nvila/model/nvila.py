@@ -69,6 +69,20 @@ class NvilaModel(nn.Module):
             out = [self.vision(chunk.to(device)) for chunk in pixels.split(self.vision_batch_size)]
         return torch.cat(out)
 
+    def encode_media(self, media: Sequence[MediaItem]) -> list[torch.Tensor]:
+        """ViT tokens of every item of ``media``: one (N_i, G_i*G_i, C) tensor each. Consecutive items with
+        tiles of one size go through the tower together (video frames may be smaller than image tiles)."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(media):
+            j = i + 1
+            while j < len(media) and media[j].pixels.shape[1:] == media[i].pixels.shape[1:]:
+                j += 1
+            feats = self.encode_tiles(torch.cat([m.pixels for m in media[i:j]]))
+            out += list(feats.split([m.pixels.shape[0] for m in media[i:j]]))
+            i = j
+        return out
+
     def project(self, feats: torch.Tensor, repeat_channels: int = 1) -> torch.Tensor:
         """(N, G*G, C) -> (N, g*g, D); single tiles of S2 models repeat their channels per scale."""
         if repeat_channels > 1:
@@ -80,31 +94,29 @@ class NvilaModel(nn.Module):
         """(E, D) embeddings appended after every image, tile or frame."""
         return self.llm.get_input_embeddings()(self.end_token_ids)
 
-    def embed_media(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def embed_media(self, media: Sequence[MediaItem],
+                    feats: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Embedding block of every placeholder of ``media``, in prompt order: list of (n_i, D): each row of
         visual tokens (:meth:`media_rows`) followed by the end embeddings.
 
-        ``feats`` are the ViT tokens of all media tiles when already computed (benchmarks time the
-        vision tower separately).
+        ``feats`` are the ViT tokens of every item (:meth:`encode_media`) when already computed (benchmarks
+        time the vision tower separately; training may reuse the tokens of a frozen tower).
         """
         end = self.end_embeds()
         return [torch.cat([torch.cat([r.to(end.device), end.to(r.dtype)]) for r in rows])
                 for rows in self.media_rows(media, feats)]
 
-    def media_rows(self, media: Sequence[MediaItem], feats: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
+    def media_rows(self, media: Sequence[MediaItem],
+                   feats: Sequence[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
         """Visual tokens of every placeholder of ``media``, without the end embeddings: for each placeholder a
         list of (n, D) rows (a tile, a frame or a pooled frame group; a Dynamic-S2 image is one row)."""
         if not media:
             return []
         if feats is None:
-            feats = self.encode_tiles(torch.cat([m.pixels for m in media]))
-        out: list[list[torch.Tensor]] = []
-        start = 0
-        for item in media:
-            n = item.pixels.shape[0]
-            out += self._item_rows(item, feats[start : start + n])
-            start += n
-        return out
+            feats = self.encode_media(media)
+        if len(feats) != len(media):
+            raise ValueError(f"{len(feats)} feature tensors for {len(media)} media items")
+        return [rows for item, f in zip(media, feats) for rows in self._item_rows(item, f)]
 
     def _item_rows(self, item: MediaItem, feats: torch.Tensor) -> list[list[torch.Tensor]]:
         plan = item.plan

@@ -7,6 +7,8 @@ checkpoint round-trips unchanged) but the forward loop stops early, which saves 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -28,6 +30,9 @@ class VisionTower(nn.Module):
             )
         self.layers_to_run = index
         self.drop_first_token = select_feature == "patch"
+        self.image_size = getattr(model.config, "image_size", None)
+        # SigLIP keeps its position table at the trained size unless asked to interpolate; DINOv2 always does.
+        self._interpolates = "interpolate_pos_encoding" in inspect.signature(model.embeddings.forward).parameters
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -52,7 +57,9 @@ class VisionTower(nn.Module):
         """(N, 3, S, S) pixels -> (N, L, C) tokens of the selected layer."""
         # SigLIP's patch embeddings come out as a transposed view, and every residual add would keep that
         # layout: LayerNorms would then copy their input and the adds run strided (a few % of the tower).
-        x = self.model.embeddings(pixels.to(self.dtype)).contiguous()   # (N, L, C)
+        other_size = self.image_size is not None and pixels.shape[-1] != self.image_size   # video_frame_size
+        kwargs = {"interpolate_pos_encoding": True} if other_size and self._interpolates else {}
+        x = self.model.embeddings(pixels.to(self.dtype), **kwargs).contiguous()   # (N, L, C)
         for layer in self.layers[: self.layers_to_run]:
             x = layer(x, None)
         return x[:, 1:] if self.drop_first_token else x

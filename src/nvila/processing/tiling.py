@@ -89,12 +89,17 @@ def s2_plan(cols: int, rows: int, cfg: NvilaConfig) -> TilePlan:
 
 
 def plan_video(num_frames: int, cfg: NvilaConfig) -> VideoPlan:
-    """Token geometry of a video; raises PromptError when TSP pooling cannot divide the frame count."""
-    frame = plan_image(cfg.tile_size, cfg.tile_size, cfg, single_image=False)
+    """Token geometry of a video; raises PromptError when TSP pooling cannot divide the frame count.
+
+    Frames are single tiles of ``cfg.frame_size`` px (the tile size unless the config sets
+    ``video_frame_size``)."""
+    size = cfg.frame_size
+    repeat = len(cfg.s2_scales) if cfg.image_mode == "dynamic_s2" else 1
+    side = cfg.frame_token_side
+    frame = TilePlan("single", (Tile((size, size), (0, 0, size, size)),), None, None, repeat, 1, side * side + 1)
     enc = cfg.video_encoder
     if enc.kind == "basic":
-        return VideoPlan(num_frames, frame, num_frames * (cfg.tokens_per_tile + 1))
-    side = -(-cfg.grid_size // cfg.downsample)
+        return VideoPlan(num_frames, frame, num_frames * (side * side + 1))
     total = 0
     for t, h, w in enc.pool_sizes:
         if num_frames % t or side % h or side % w:

@@ -23,8 +23,9 @@ single-turn prompt (tested: the loss equals the single-turn prompts' summed loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ would attend across samples without a warning. A 4D mask is passed through as-is
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

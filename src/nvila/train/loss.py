@@ -9,7 +9,8 @@ and CPU bf16 GEMMs that contract over the vocabulary (the head's backward) fall 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,17 +94,19 @@ def answer_logprobs(model: Any, prompts: Sequence[Prompt]) -> list[tuple[float, 
 class LossModule(nn.Module):
     """What DDP/FSDP wrap: labelled prompts -> (summed token cross-entropy, supervised tokens)."""
 
-    def __init__(self, model: nn.Module, packing: bool, max_length: int) -> None:
+    def __init__(self, model: nn.Module, packing: bool, max_length: int, features: Any = None) -> None:
         super().__init__()
         self.model = model
         self.packing = packing
         self.max_length = max_length
+        self.features = features            # a FeatureCache: the frozen tower's tokens, computed once
 
     def forward(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, int]:
         if self.packing:
-            batch = collate_packed(self.model, prompts, plan_packs([p.fused_length for p in prompts], self.max_length))
+            batch = collate_packed(self.model, prompts, plan_packs([p.fused_length for p in prompts], self.max_length),
+                                   self.features)
         else:
-            batch = collate(self.model, prompts)
+            batch = collate(self.model, prompts, self.features)
         return answer_loss(self.model, batch)
 
 

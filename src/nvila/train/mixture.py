@@ -8,7 +8,7 @@ on every process and after a resume: a run's data position is one integer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

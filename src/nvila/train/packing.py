@@ -10,12 +10,14 @@ row is its own segment (attending causally to itself), so no query row of the ma
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from nvila.base.errors import ConfigError, PromptError
 from nvila.formats.plans import IGNORE_INDEX, Prompt
+from nvila.train.features import media_blocks
 from nvila.train.fused import block_causal_mask, check_attention, fused_labels
 
 
@@ -51,13 +53,15 @@ def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(model: Any, prompts: Sequence[Prompt], packs: list[list[int]]) -> dict[str, torch.Tensor]:
+def collate_packed(model: Any, prompts: Sequence[Prompt], packs: list[list[int]],
+                   features: Any = None) -> dict[str, torch.Tensor]:
     """Embed ``prompts`` and lay them out one row per pack, right-padded to the longest row.
 
     Returns the keys of ``nvila.train.step.collate``, so the loss takes the result as is:
     inputs_embeds (B, L, D), attention_mask (B, 1, L, L) additive float block-diagonal causal mask in the
     embeddings' dtype, position_ids (B, L) restarting at 0 for every sample (and for the padding), and
     labels (B, L) with IGNORE_INDEX at the first position of every sample and on padding. B = len(packs).
+    ``features``: as for ``collate``.
     """
     check_attention(model)
     _check_packs(packs, len(prompts))
@@ -66,7 +70,7 @@ def collate_packed(model: Any, prompts: Sequence[Prompt], packs: list[list[int]]
     for pack in packs:
         row = []
         for i in pack:
-            blocks = model.embed_media(prompts[i].media)
+            blocks = media_blocks(model, prompts[i].media, features)
             labels = fused_labels(prompts[i], blocks, media_ids)
             labels[0] = IGNORE_INDEX                       # the previous sample's last token must not predict it
             row.append((model.fuse(prompts[i].input_ids, blocks), labels))

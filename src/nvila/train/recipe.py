@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from nvila.base.errors import ConfigError
 from nvila.builders.assemble import AssembleConfig
-from nvila.formats.config import IMAGE_MODES
+from nvila.formats.config import IMAGE_MODES, video_pool
 from nvila.formats.lora import LoraSettings
 from nvila.train.fp8 import FP8_PRECISIONS, FP8_RECIPES
 
@@ -37,7 +38,7 @@ PRECISIONS = ("auto", "bf16", "fp32", *FP8_PRECISIONS)
 OPTIMIZERS = ("adamw", "adamw-fp8")
 SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 HUB_KEYS = {("model",), ("assemble", "llm"), ("assemble", "vision")}   # a folder or a Hub id
-PATH_KEYS = HUB_KEYS | {("output_dir",), ("train", "init_adapter"), ("data", "datasets", "*", "path"), ("data", "datasets", "*", "media_root")}
+PATH_KEYS = HUB_KEYS | {("output_dir",), ("train", "init_adapter"), ("train", "feature_cache"), ("data", "datasets", "*", "path"), ("data", "datasets", "*", "media_root")}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class DataConfig:
     image_mode: str | None = None          # tiling override: dynamic_s2 | dynamic | resize
     max_tiles: int | None = None
     num_video_frames: int | None = None
+    video_frame_size: int | None = None    # px per video frame (a multiple of the ViT patch size)
+    video_pool: list[list[int]] | None = None   # TSP pooling [[t, h, w], ...]; [] keeps every frame
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class TrainConfig:
     save_every: int = 0                    # optimizer steps between resumable checkpoints (0: end only)
     keep_last: int = 2
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    feature_cache: str | None = None       # folder of cached ViT tokens (a frozen tower runs once per media)
 
 
 @dataclass(frozen=True)
@@ -268,7 +272,9 @@ def validate(r: Recipe) -> None:
                           "row per conversation; set packing: false")
     if d.overlong not in ("skip", "error"):
         raise ConfigError(f"data.overlong must be 'skip' or 'error', got {d.overlong!r}")
-    for name in ("max_length", "max_tiles", "num_video_frames"):
+    if d.video_pool is not None:
+        video_pool(d.video_pool)                         # ConfigError naming the setting
+    for name in ("max_length", "max_tiles", "num_video_frames", "video_frame_size"):
         if getattr(d, name) is not None and (not isinstance(getattr(d, name), int) or getattr(d, name) < 1):
             raise ConfigError(f"data.{name} must be a positive integer, got {getattr(d, name)!r}")
     t = r.train
@@ -305,5 +311,8 @@ def validate(r: Recipe) -> None:
             raise ConfigError("train.lora trains the LLM through adapters: set train.parts.llm to 'frozen'")
         if "llm" not in t.lr:
             raise ConfigError("train.lora needs a learning rate for the adapters: set train.lr.llm")
+    if t.feature_cache is not None and t.parts.get("vision", "frozen") != "frozen":
+        raise ConfigError("train.feature_cache reuses the vision tower's output, which only a frozen tower keeps: "
+                          f"set train.parts.vision to frozen (it is {t.parts.get('vision')!r}) or remove feature_cache")
     if t.init_adapter is not None and t.lora is None:
         raise ConfigError("train.init_adapter continues a LoRA run: set train.lora to the adapter's settings")

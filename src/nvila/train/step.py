@@ -6,26 +6,29 @@ the fused sequence.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from nvila.formats.plans import IGNORE_INDEX, Prompt
 from nvila.train.branches import PAD, PREFIX, branch_positions, fused_branches
+from nvila.train.features import media_blocks
 from nvila.train.fused import block_causal_mask, check_attention, fused_labels
 
 
-def collate(model: Any, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+def collate(model: Any, prompts: Sequence[Prompt], features: Any = None) -> dict[str, torch.Tensor]:
     """Embed and right-pad a batch: inputs_embeds (B, L, D), attention_mask, position_ids, labels (B, L).
 
     The attention mask is (B, L) 0/1 padding, or, when a prompt has independent turns
     (:mod:`nvila.train.branches`), a (B, 1, L, L) additive mask that keeps every turn to itself.
+    ``features``: a :class:`nvila.train.features.FeatureCache` supplying the frozen tower's tokens.
     """
     media_ids = set(model.media_token_ids.values())
     branched = any(p.branch is not None for p in prompts)
     embeds, labels, branches = [], [], []
     for prompt in prompts:
-        blocks = model.embed_media(prompt.media)
+        blocks = media_blocks(model, prompt.media, features)
         embeds.append(model.fuse(prompt.input_ids, blocks))
         labels.append(fused_labels(prompt, blocks, media_ids))
         if branched:

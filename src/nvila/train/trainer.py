@@ -22,9 +22,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,11 +47,13 @@ from nvila.checkpoint.lora import (
     save_adapter,
 )
 from nvila.checkpoint.save import save_checkpoint
+from nvila.formats.config import MEDIA_SETTINGS, media_settings_of, with_media_settings
 from nvila.formats.layout import ADAPTER_OTHER, LORA_MARK
 from nvila.formats.plans import Prompt
 from nvila.processing.processor import Processor
 from nvila.train.data import Sample, load_dataset, training_prompt
 from nvila.train.distributed import init_distributed, wrap
+from nvila.train.features import FeatureCache
 from nvila.train.fp8 import FP8_PRECISIONS, check_fp8_device, convert_to_fp8, make_optimizer, restore_linears
 from nvila.train.loss import LossModule, supervised_tokens
 from nvila.train.lowmem import store_frozen_in
@@ -123,6 +126,9 @@ class Trainer:
         counts = set_trainable(model, t.parts)
         if t.init_adapter is not None:
             counts["llm"] += _continue_adapter(model, t.init_adapter, t.lora)
+            # the adapter brought its own media settings; the recipe's still come first
+            model.cfg = with_media_settings(model.cfg, self._media_changes())
+            self.processor = Processor(model.cfg, self.ckpt.tokenizer, self.ckpt.chat_template)
         elif t.lora is not None:
             counts["llm"] += apply_lora(model, t.lora)
         self.fp8_layers: list[str] = []
@@ -143,8 +149,9 @@ class Trainer:
         groups = param_groups(model, t.lr, t.weight_decay)
         names = {id(p): n for n, p in model.named_parameters()}
         group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-        self.wrapped = wrap(LossModule(model, self.recipe.data.packing, self.max_length), self.dist, t.distributed,
-                            t.frozen_dtype)
+        features = FeatureCache(t.feature_cache, model.vision) if t.feature_cache else None
+        self.wrapped = wrap(LossModule(model, self.recipe.data.packing, self.max_length, features), self.dist,
+                            t.distributed, t.frozen_dtype)
         params = dict(model.named_parameters())   # FSDP replaces parameters by sharded ones of the same name
         for g, members in zip(groups, group_names):
             g["params"] = [params[n] for n in members]
@@ -196,13 +203,16 @@ class Trainer:
         r = self.recipe
         source = self.source
         ckpt = load_checkpoint(source, dtype=torch.float32, device=str(self.dist.device))
-        d = r.data
-        changes = {k: v for k, v in (("image_mode", d.image_mode), ("max_tiles", d.max_tiles),
-                                     ("num_video_frames", d.num_video_frames)) if v is not None}
+        self.base_cfg = ckpt.model.cfg
+        changes = self._media_changes()
         if changes:
-            ckpt.model.cfg = _retile(ckpt.model.cfg, changes)
+            ckpt.model.cfg = with_media_settings(ckpt.model.cfg, changes)
         self.processor = Processor(ckpt.model.cfg, ckpt.tokenizer, ckpt.chat_template)
         return ckpt
+
+    def _media_changes(self) -> dict[str, Any]:
+        d = self.recipe.data
+        return {k: getattr(d, k) for k in MEDIA_SETTINGS if getattr(d, k) is not None}
 
     def _load_data(self) -> list[tuple[list[Sample], float]]:
         """Every sample is processed once up front (in parallel over processes): broken media or labels
@@ -357,7 +367,8 @@ class Trainer:
         model.eval()
         if self.recipe.train.lora is not None:
             base = self.recipe.model or str(self.out / "init")
-            save_adapter(model, self.out / "adapter", self.recipe.train.lora, base=base, replace=True)
+            save_adapter(model, self.out / "adapter", self.recipe.train.lora, base=base, replace=True,
+                         config=media_settings_of(model.cfg, self.base_cfg))
             merge_lora(model)
         return save_checkpoint(self.ckpt, out, replace=True)
 
@@ -370,17 +381,6 @@ class Trainer:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-
-def _retile(cfg: Any, changes: dict[str, Any]) -> Any:
-    """The model config with a recipe's tiling settings (also written to the exported config.json)."""
-    mode = changes.get("image_mode", cfg.image_mode)
-    if (mode == "dynamic_s2") != (cfg.image_mode == "dynamic_s2"):
-        raise ConfigError(f"data.image_mode {mode!r} does not fit this checkpoint ({cfg.image_mode}): switching to or "
-                          "from dynamic_s2 changes the projector's input width")
-    new = dataclasses.replace(cfg, **changes)
-    new.validate()
-    return new
 
 
 def _continue_adapter(model: nn.Module, folder: str, settings: Any) -> int:
