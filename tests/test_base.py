@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,39 @@ def test_provenance_names_code_machine_and_inputs() -> None:
     record = provenance(model="m", adapter=Path("a"))
     assert record["model"] == "m" and record["adapter"] == "a"
     assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert set(record["cpu"]) == {"name", "flags", "class", "rules", "cores", "torch_threads"}
+    assert set(record["cpu"]) == {"name", "flags", "class", "rules", "cores", "torch_threads", "emulated",
+                                  "torch_capability"}
     assert record["cpu"]["class"] == hardware.cpu_class()
     assert set(record["cpu"]["flags"]) <= hardware.cpu_flags()
     json.dumps(record)                                                    # JSON-able as is
+
+
+def test_avx2_emulation_drops_flags_and_needs_capped_kernels(monkeypatch) -> None:
+    monkeypatch.setattr(hardware, "cpu_flags", hardware.cpu_flags.__wrapped__)      # uncached: reads the env
+    real = hardware.cpu_flags()
+    monkeypatch.setenv(hardware.EMULATE_ENV, "avx2")
+    with pytest.raises(ConfigError, match="ATEN_CPU_CAPABILITY"):
+        hardware.cpu_flags()
+    for k, v in hardware.EMULATION_CAPS["avx2"].items():
+        monkeypatch.setenv(k, v)
+    flags = hardware.cpu_flags()
+    assert flags <= real and not any(f.startswith(("avx512", "amx", "avx_vnni")) for f in flags)
+    if {"avx2", "fma"} <= real:
+        assert hardware.cpu_class() == "avx2" and hardware.emulated_cpu() == "avx2"
+    monkeypatch.setenv(hardware.EMULATE_ENV, "avx1")
+    with pytest.raises(ConfigError, match="only"):
+        hardware.emulated_cpu()
+
+
+def test_avx2_emulation_caps_torch_kernels(tmp_path) -> None:
+    """In a fresh process with the caps, torch's ATen dispatch runs AVX2 code and provenance says so."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **hardware.EMULATION_CAPS["avx2"], hardware.EMULATE_ENV: "avx2"}
+    code = ("import json, torch; from nvila.base.provenance import provenance; "
+            "c = provenance()['cpu']; print(json.dumps([c['class'], c['emulated'], c['torch_capability']]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    cls, emulated, capability = json.loads(out.strip().splitlines()[-1])
+    assert emulated == "avx2" and capability in ("AVX2", "DEFAULT")
+    assert cls in ("avx2", "generic")

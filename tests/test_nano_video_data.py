@@ -136,6 +136,30 @@ def test_ground_truth_is_in_the_pixels(frames_dir: Path) -> None:
             assert flash["seen"][str(n)] == hit
 
 
+def test_train_all_asks_every_answerable_question_with_the_pixels_answer(frames_dir: Path) -> None:
+    """train-all.jsonl: each train clip once, as independent questions; every answer read back from the frames."""
+    clips_ = records(frames_dir, "train")
+    every = records(frames_dir, "train-all")
+    assert [r["id"] for r in every] == [r["id"] for r in clips_]
+    for one, rec in zip(clips_, every):
+        meta, turns = rec["metadata"], rec["messages"]
+        assert turns[0]["content"][0] == one["messages"][0]["content"][0]           # the same clip, once
+        assert all(isinstance(t["content"], str) for t in turns[1:])                # later turns: text only
+        asked = meta["asked"]
+        assert asked[0] == meta["question_type"] and len(set(asked)) == len(asked)
+        assert {"shape", "direction", "change_count"} <= set(asked)
+        assert ("colour" in asked) == (meta["colour_changes"] == 0)
+        assert ("start_colour" in asked) == ("end_colour" in asked) == (meta["colour_changes"] > 0)
+        assert ("flash_colour" in asked) == (meta["question_type"] == "flash_colour")
+        seen = read_pixels(frames_of(frames_dir, one))
+        for i, q in enumerate(asked):
+            question = turns[2 * i]["content"]
+            text = question[1]["text"] if isinstance(question, list) else question
+            assert text == QUESTIONS[q]
+            assert turns[2 * i + 1]["content"] == answer_from_pixels(q, seen, meta["size"]), (rec["id"], q)
+    assert sum(len(r["metadata"]["asked"]) for r in every) > 3 * len(every)
+
+
 def test_same_seed_same_data_other_seed_other_data(frames_dir: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     write_video_data(again, 14, 7, seed=3, fmt="frames", ranges=SMALL_RANGES, progress=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +21,48 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+# ``NVILA_EMULATE_CPU=avx2`` on a CPU with AVX-512 approximates an AVX2-only CPU, for measurements: nvila's
+# rules then see no AVX-512/VNNI/AMX flags, and torch's kernel providers must be capped to AVX2 by these
+# variables, which they read when the process starts (ATen's dispatch, oneDNN, FBGEMM; MKL ignores its own
+# cap on AMD CPUs, where it runs an AVX2-class path anyway). Memory bandwidth, caches and clocks stay those
+# of the real CPU, and helpers that read cpuinfo directly still see AVX-512: compare ratios, not times.
+EMULATE_ENV = "NVILA_EMULATE_CPU"
+EMULATION_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                           "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}}
+_ABOVE_AVX2 = ("avx512", "amx", "avx_vnni", "avx10")
+
+
+def emulated_cpu() -> str | None:
+    """The CPU class being emulated (``NVILA_EMULATE_CPU``), None when running as the hardware is.
+
+    Raises ConfigError for an unknown class or when torch's kernel providers were not capped to match."""
+    want = os.environ.get(EMULATE_ENV, "").strip().lower()
+    if not want:
+        return None
+    if want not in EMULATION_CAPS:
+        raise ConfigError(f"{EMULATE_ENV}={want!r}: only {sorted(EMULATION_CAPS)} can be emulated")
+    caps = EMULATION_CAPS[want]
+    wrong = {k: v for k, v in caps.items() if os.environ.get(k, "").lower() != v.lower()}
+    if wrong:
+        prefix = " ".join(f"{k}={v}" for k, v in caps.items())
+        raise ConfigError(f"{EMULATE_ENV}={want} needs torch's kernels capped too, from the start of the process: "
+                          f"run with `{prefix} {EMULATE_ENV}={want} ...` (missing or different: {sorted(wrong)})")
+    return want
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read), read once per process:
-    quantized linears ask on every forward call."""
+    quantized linears ask on every forward call. Under :func:`emulated_cpu` the flags above it are dropped."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return frozenset(line.partition(":")[2].split())
+    flags = frozenset(line.partition(":")[2].split())
+    if emulated_cpu() == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(_ABOVE_AVX2))
+    return flags
 
 
 def cpu_class() -> str:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from nvila.base.hardware import cpu_class, cpu_flags, cpu_rules
+from nvila.base.hardware import cpu_class, cpu_flags, cpu_rules, emulated_cpu
 
 # CPU features that decide nvila's kernels (the full flag list is long and mostly irrelevant)
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
@@ -61,7 +61,8 @@ def provenance(**inputs: Any) -> dict[str, Any]:
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": {"name": cpu_name(), "flags": sorted(f for f in KERNEL_FLAGS if f in cpu_flags()),
                 "class": cpu_class(), "rules": dataclasses.asdict(cpu_rules()),
-                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "emulated": emulated_cpu(), "torch_capability": torch.backends.cpu.get_cpu_capability()},
         "gpu": gpu,
         "versions": {p: _version(p) for p in ("nvila", "torch", "transformers", "peft", "safetensors")},
         "python": platform.python_version(),

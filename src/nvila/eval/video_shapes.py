@@ -295,6 +295,46 @@ def ground_truth(clip: Clip) -> dict[str, Any]:
             "changes_seen": {str(n): s[0] for n, s in seen.items()}, "flash": flash}
 
 
+def answerable(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """Every question type a clip answers, from its record's ground truth: its own, plus the moving shape's
+    shape, direction and number of colour changes, its colour when it never changes, its first and last
+    colour when it does.
+
+    Training on all of them (``train-all.jsonl``, one conversation of independent questions per clip) gives
+    each clip several answers for the price of one video prefix."""
+    segments = meta["segments"]
+    changes = len(segments) - 1
+    out = {"shape": [meta["shape"]], "direction": [meta["direction"]],
+           "change_count": [str(changes), NUMBER_WORDS[changes]]}
+    if len(segments) == 1:
+        out["colour"] = [segments[0]["colour"]]
+    else:
+        out |= {"start_colour": [segments[0]["colour"]], "end_colour": [segments[-1]["colour"]]}
+    own = meta["question_type"]
+    return {own: list(meta["answers"]), **{k: v for k, v in out.items() if k != own}}
+
+
+def all_questions_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A training record asking every question :func:`answerable` finds for the record's clip."""
+    video = rec["messages"][0]["content"][0]
+    asked = answerable(rec["metadata"])
+    messages: list[dict[str, Any]] = []
+    for q, accepted in asked.items():
+        content: Any = [video, {"type": "text", "text": QUESTIONS[q]}] if not messages else QUESTIONS[q]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": accepted[0]}]
+    return {"id": rec["id"], "messages": messages, "metadata": {**rec["metadata"], "asked": list(asked)}}
+
+
+def write_all_questions(folder: str | Path, split: str = "train") -> Path:
+    """``<split>-all.jsonl`` next to ``<split>.jsonl``: the same clips, every answerable question each."""
+    folder = Path(folder)
+    src = folder / f"{split}.jsonl"
+    records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = folder / f"{split}-all.jsonl"
+    out.write_text("".join(json.dumps(all_questions_record(r)) + "\n" for r in records), encoding="utf-8")
+    return out
+
+
 def record(clip: Clip, media: str, split: str, index: int, fmt: str, codec: str | None) -> dict[str, Any]:
     """The OpenAI-style training record of a clip written at ``media`` (relative to the JSONL's folder)."""
     part: dict[str, Any] = {"type": "video", "video": media}
@@ -367,6 +407,10 @@ def write_video_data(out: str | Path, train: int, test: int, seed: int = 0, fmt:
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             summary[split] = {"path": str(out / f"{split}.jsonl"), "clips": count,
                               "by_question_type": dict(Counter(r["metadata"]["question_type"] for r in records))}
+        if train:
+            summary["train-all"] = {"path": str(out / "train-all.jsonl"), "clips": train,
+                                    "questions": sum(len(json.loads(line)["metadata"]["asked"]) for line in
+                                                     write_all_questions(tmp).read_text().splitlines())}
         info = {"generator": __name__, "seed": seed, "format": fmt, "codec": codec, "ranges": asdict(ranges),
                 "splits": summary, "question_types": QUESTIONS}
         (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
