@@ -265,8 +265,9 @@ def test_nano_video_recipe_and_ablation_arms() -> None:
 
 # The shipped Nano on fresh held-out clips (seed 11, never used for training: train and test streams are
 # seeded by split, and make nano-video trains on seed 0's train split). 4 clips per question type; a floor per
-# group well below the measured accuracy (docs/perf/nano-video-test.json), so a lost video stage fails.
-VIDEO_FLOORS = {("colour", "shape", "direction"): 0.75}
+# group well below the measured accuracy (docs/perf/nano-video-test.json: 97-100 % on these types), so a lost
+# video stage fails. Direction, flash and counting are not learnt yet (near chance), so they have no floor.
+VIDEO_FLOORS = {("colour", "shape", "start_colour", "end_colour"): 0.75}
 
 
 def test_shipped_nano_answers_video_clips_above_the_floor(tmp_path: Path) -> None:
