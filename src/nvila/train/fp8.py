@@ -45,7 +45,7 @@ LORA_MARK = "lora_"                         # peft's adapter sub-modules (lora_A
 def require_torchao() -> Any:
     """The ``torchao.float8`` module, or a ConfigError saying how to install it."""
     try:
-        from torchao import float8
+        import torchao.float8 as float8  # noqa: PLR0402 -- a submodule import: fails when torchao.float8 is missing
     except ImportError:
         raise ConfigError("train.precision fp8 / fp8-emulated and train.optimizer adamw-fp8 need PyTorch's torchao "
                           "package: pip install 'nvila[train]'") from None
