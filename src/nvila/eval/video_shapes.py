@@ -326,13 +326,17 @@ def all_questions_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_all_questions(folder: str | Path, split: str = "train") -> Path:
-    """``<split>-all.jsonl`` next to ``<split>.jsonl``: the same clips, every answerable question each."""
+    """``<split>-all.jsonl`` next to an existing ``<split>.jsonl``: the same clips, every answerable question each."""
     folder = Path(folder)
     src = folder / f"{split}.jsonl"
     records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = folder / f"{split}-all.jsonl"
-    out.write_text("".join(json.dumps(all_questions_record(r)) + "\n" for r in records), encoding="utf-8")
+    _write_jsonl(out, [all_questions_record(r) for r in records])
     return out
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def record(clip: Clip, media: str, split: str, index: int, fmt: str, codec: str | None) -> dict[str, Any]:
@@ -404,13 +408,14 @@ def write_video_data(out: str | Path, train: int, test: int, seed: int = 0, fmt:
                 write_clip(clip, tmp / media, fmt, codec)
                 records.append(record(clip, media, split, i, fmt, codec))
                 bar.advance()
-            (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            _write_jsonl(tmp / f"{split}.jsonl", records)
             summary[split] = {"path": str(out / f"{split}.jsonl"), "clips": count,
                               "by_question_type": dict(Counter(r["metadata"]["question_type"] for r in records))}
-        if train:
-            summary["train-all"] = {"path": str(out / "train-all.jsonl"), "clips": train,
-                                    "questions": sum(len(json.loads(line)["metadata"]["asked"]) for line in
-                                                     write_all_questions(tmp).read_text().splitlines())}
+            if split == "train" and records:
+                every = [all_questions_record(r) for r in records]
+                _write_jsonl(tmp / "train-all.jsonl", every)
+                summary["train-all"] = {"path": str(out / "train-all.jsonl"), "clips": count,
+                                        "questions": sum(len(r["metadata"]["asked"]) for r in every)}
         info = {"generator": __name__, "seed": seed, "format": fmt, "codec": codec, "ranges": asdict(ranges),
                 "splits": summary, "question_types": QUESTIONS}
         (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -105,16 +105,19 @@ class NvilaConfig:
         """Pixels per side of one video frame: ``video_frame_size`` when set, else the tile size."""
         return self.video_frame_size or self.tile_size
 
+    def token_side(self, size: int) -> int:
+        """LLM tokens per side of a ``size`` px square after the projector (its space-to-channel fold pads)."""
+        return -(-(size // self.patch_size) // self.downsample)
+
     @property
     def frame_token_side(self) -> int:
         """LLM tokens per side of one (unpooled) video frame after the projector."""
-        return -(-(self.frame_size // self.patch_size) // self.downsample)
+        return self.token_side(self.frame_size)
 
     @property
     def tokens_per_tile(self) -> int:
         """LLM tokens one tile yields after the projector (256 for 2x2, 121 for 3x3 at 448 px)."""
-        side = -(-self.grid_size // self.downsample)
-        return side * side
+        return self.token_side(self.tile_size) ** 2
 
     @classmethod
     def from_official(

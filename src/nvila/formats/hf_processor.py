@@ -32,7 +32,7 @@ def processor_settings(cfg: NvilaConfig) -> dict[str, Any]:
         "min_tiles": cfg.min_tiles,
         "max_tiles": cfg.max_tiles,
         "tokens_per_tile": cfg.tokens_per_tile,
-        "tile_token_side": -(-cfg.grid_size // cfg.downsample),     # tokens per tile side after the projector
+        "tile_token_side": cfg.token_side(cfg.tile_size),     # tokens per tile side after the projector
         "video_encoder": enc.kind,
         "video_pool_sizes": [list(p) for p in enc.pool_sizes],
         "num_video_frames": cfg.num_video_frames,

@@ -72,8 +72,15 @@ def plan_image(width: int, height: int, cfg: NvilaConfig, *, single_image: bool)
         if len(tiles) > 1:
             tiles.append(Tile((tile, tile), (0, 0, tile, tile)))  # thumbnail goes last
         return TilePlan("dynamic", tuple(tiles), (cols, rows), None, 1, len(tiles), per_tile + 1)
+    return single_tile_plan(tile, cfg)
+
+
+def single_tile_plan(size: int, cfg: NvilaConfig) -> TilePlan:
+    """One ``size`` px tile, one placeholder (an image of a multi-image prompt, or a video frame); an S2
+    model repeats its channels per scale."""
     repeat = len(cfg.s2_scales) if cfg.image_mode == "dynamic_s2" else 1
-    return TilePlan("single", (Tile((tile, tile), (0, 0, tile, tile)),), None, None, repeat, 1, per_tile + 1)
+    side = cfg.token_side(size)
+    return TilePlan("single", (Tile((size, size), (0, 0, size, size)),), None, None, repeat, 1, side * side + 1)
 
 
 def s2_plan(cols: int, rows: int, cfg: NvilaConfig) -> TilePlan:
@@ -93,13 +100,11 @@ def plan_video(num_frames: int, cfg: NvilaConfig) -> VideoPlan:
 
     Frames are single tiles of ``cfg.frame_size`` px (the tile size unless the config sets
     ``video_frame_size``)."""
-    size = cfg.frame_size
-    repeat = len(cfg.s2_scales) if cfg.image_mode == "dynamic_s2" else 1
+    frame = single_tile_plan(cfg.frame_size, cfg)
     side = cfg.frame_token_side
-    frame = TilePlan("single", (Tile((size, size), (0, 0, size, size)),), None, None, repeat, 1, side * side + 1)
     enc = cfg.video_encoder
     if enc.kind == "basic":
-        return VideoPlan(num_frames, frame, num_frames * (side * side + 1))
+        return VideoPlan(num_frames, frame, num_frames * frame.embeds_per_placeholder)
     total = 0
     for t, h, w in enc.pool_sizes:
         if num_frames % t or side % h or side % w:

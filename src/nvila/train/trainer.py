@@ -17,7 +17,6 @@ Precision: fp32, bf16 autocast, or FP8 linears (torchao, :mod:`nvila.train.fp8`)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -200,7 +199,6 @@ class Trainer:
         return source
 
     def _load_model(self) -> Any:
-        r = self.recipe
         source = self.source
         ckpt = load_checkpoint(source, dtype=torch.float32, device=str(self.dist.device))
         self.base_cfg = ckpt.model.cfg
