@@ -129,8 +129,11 @@ AVX2_EMULATION = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_
 bench-avx2-emulated: $(STAMP)
 	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
 	$(AVX2_EMULATION) $(NVILA) bench-kernels --json docs/perf/kernels-avx2-emulated.json
+	test -f $(BENCH_DIR)/nvila-lite-2b-w8/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w8 && \
+		$(AVX2_EMULATION) $(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w8 \
+		--llm w8a8 --calib-samples 4 > /dev/null)
 	$(AVX2_EMULATION) $(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare auto,fp32,fp32-w16 --runs 3 --warmup 1 \
-		--new-tokens 32 --json docs/perf/nvila-lite-2b-avx2-emulated.json
+		--quantized $(BENCH_DIR)/nvila-lite-2b-w8 --new-tokens 32 --json docs/perf/nvila-lite-2b-avx2-emulated.json
 
 # Quantized deployment on NVILA-Lite-2B shapes: fp32 and bf16 vs W8A8 ViT + W4A16 LLM, side by side.
 bench-quant: $(STAMP)
@@ -151,22 +154,48 @@ NANO_QUANT_NAME = $(if $(NANO_QUANT_LIMIT),first$(NANO_QUANT_LIMIT),test)
 nano-eval: $(STAMP)
 	$(NVILA) eval --dataset easy-vqa --split test --json docs/perf/nano-easy-vqa-test.json
 
-nano-quant: $(STAMP)
+# NANO_QUANT_LLM: the LLM scheme (w4a16, w8a8, w8a16); files are named nano-<tag>-s<seed> (tag w4 for w4a16).
+NANO_QUANT_LLM ?= w4a16
+NANO_QUANT_TAG = $(if $(filter w4a16,$(NANO_QUANT_LLM)),w4,$(NANO_QUANT_LLM))
+NANO_QUANT_DIR = $(BENCH_DIR)/nano-$(NANO_QUANT_TAG)-s$(NANO_QUANT_SEED)
+nano-quant-model: $(STAMP)
 	test -f data/easy-vqa/train.jsonl || $(NVILA) nano data --out data/easy-vqa
 	test -f $(BENCH_DIR)/nano-merged/config.json || (rm -rf $(BENCH_DIR)/nano-merged && \
-		$(NVILA) merge --model nvila:nano-base --lora src/nvila/assets/nano/adapter --out $(BENCH_DIR)/nano-merged)
-	rm -rf $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED)
-	$(NVILA) quantize --model $(BENCH_DIR)/nano-merged --out $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED) \
-		--calib data/easy-vqa/train.jsonl --calib-seed $(NANO_QUANT_SEED) > /dev/null
-	cp $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED)/quant_report.json docs/perf/nano-w4-s$(NANO_QUANT_SEED)-quant-report.json
+		$(NVILA) merge --model nvila:nano-base --lora recipes/nano-video/image-adapter --out $(BENCH_DIR)/nano-merged)
+	test -f $(NANO_QUANT_DIR)/quant_config.json || (rm -rf $(NANO_QUANT_DIR) && \
+		$(NVILA) quantize --model $(BENCH_DIR)/nano-merged --out $(NANO_QUANT_DIR) --llm $(NANO_QUANT_LLM) \
+		--calib data/easy-vqa/train.jsonl --calib-seed $(NANO_QUANT_SEED) > /dev/null)
+	cp $(NANO_QUANT_DIR)/quant_report.json docs/perf/nano-$(NANO_QUANT_TAG)-s$(NANO_QUANT_SEED)-quant-report.json
+
+nano-quant: nano-quant-model
 	test -f docs/perf/nano-float-easy-vqa-$(NANO_QUANT_NAME).json || $(NVILA) eval --model $(BENCH_DIR)/nano-merged \
 		--dataset easy-vqa --split test $(if $(NANO_QUANT_LIMIT),--limit $(NANO_QUANT_LIMIT)) --no-progress \
 		--json docs/perf/nano-float-easy-vqa-$(NANO_QUANT_NAME).json
-	$(NVILA) eval --model $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED) --dataset easy-vqa --split test \
+	$(NVILA) eval --model $(NANO_QUANT_DIR) --dataset easy-vqa --split test \
 		$(if $(NANO_QUANT_LIMIT),--limit $(NANO_QUANT_LIMIT)) --no-progress \
-		--json docs/perf/nano-w4-s$(NANO_QUANT_SEED)-easy-vqa-$(NANO_QUANT_NAME).json
-	$(PY) recipes/quant/agreement.py --float $(BENCH_DIR)/nano-merged --n 400 $(BENCH_DIR)/nano-w4-s$(NANO_QUANT_SEED) \
-		--json docs/perf/nano-w4-s$(NANO_QUANT_SEED)-agreement.json
+		--json docs/perf/nano-$(NANO_QUANT_TAG)-s$(NANO_QUANT_SEED)-easy-vqa-$(NANO_QUANT_NAME).json
+	$(PY) recipes/quant/agreement.py --float $(BENCH_DIR)/nano-merged --n 400 $(NANO_QUANT_DIR) \
+		--json docs/perf/nano-$(NANO_QUANT_TAG)-s$(NANO_QUANT_SEED)-agreement.json
+
+# The accuracy guard under the AVX2 rules (emulated; make bench-avx2-emulated explains how): the float model at
+# dtype auto (float32 math on 16-bit weights) and every LLM scheme with the AVX2 kernels (FBGEMM int8 for W8A8,
+# bf16 decode rows for W8A16/W4A16), first NANO_QUANT_LIMIT easy-VQA test questions.
+NANO_QUANT_SEEDS ?= 1 2 3
+nano-quant-avx2-emulated: $(STAMP)
+	for s in $(NANO_QUANT_SEEDS); do for l in w4a16 w8a16 w8a8; do \
+		$(MAKE) nano-quant-model NANO_QUANT_LLM=$$l NANO_QUANT_SEED=$$s || exit 1; done; done
+	$(AVX2_EMULATION) $(NVILA) eval --model $(BENCH_DIR)/nano-merged --dataset easy-vqa --split test \
+		$(if $(NANO_QUANT_LIMIT),--limit $(NANO_QUANT_LIMIT)) --no-progress \
+		--json docs/perf/nano-float-easy-vqa-$(NANO_QUANT_NAME)-avx2-emulated.json
+	for s in $(NANO_QUANT_SEEDS); do for t in w4 w8a16 w8a8; do $(AVX2_EMULATION) $(NVILA) eval \
+		--model $(BENCH_DIR)/nano-$$t-s$$s --dataset easy-vqa --split test \
+		$(if $(NANO_QUANT_LIMIT),--limit $(NANO_QUANT_LIMIT)) --no-progress \
+		--json docs/perf/nano-$$t-s$$s-easy-vqa-$(NANO_QUANT_NAME)-avx2-emulated.json || exit 1; done; done
+
+# The other LLM schemes on this machine's own rules, three calibration draws each (W4A16: nano-quant-seeds).
+nano-quant-schemes: $(STAMP)
+	for s in $(NANO_QUANT_SEEDS); do for l in w8a16 w8a8; do \
+		$(MAKE) nano-quant NANO_QUANT_LLM=$$l NANO_QUANT_SEED=$$s || exit 1; done; done
 
 nano-quant-seeds: $(STAMP)
 	for s in 1 2 3; do $(MAKE) nano-quant NANO_QUANT_SEED=$$s || exit 1; done
@@ -240,7 +269,7 @@ SGLANG_PRESETS ?= nvila-lite-2b nvila-8b
 SGLANG_IMAGES  := $(FIXTURE)/media/china_1000x250.png $(FIXTURE)/media/flower_300x900.png $(FIXTURE)/media/hopper_278x278.png
 SGLANG_INSTALL = test -x $(SGLANG_PY) || ($(PYTHON) -m venv $(SGLANG_VENV) && $(SGLANG_VENV)/bin/pip install sglang==0.5.23)
 
-.PHONY: bench-avx2-emulated sglang-check gpu-check soak chat-page-screenshot bench-structured nano-video-data nano-video nano-video-ablation
+.PHONY: bench-avx2-emulated nano-quant-model nano-quant-avx2-emulated nano-quant-schemes sglang-check gpu-check soak chat-page-screenshot bench-structured nano-video-data nano-video nano-video-ablation
 sglang-check: $(STAMP)
 	$(SGLANG_INSTALL)
 	for p in $(SGLANG_PRESETS); do \

@@ -61,7 +61,13 @@ def test_rules_per_cpu_class(name: str, monkeypatch: pytest.MonkeyPatch) -> None
     assert hardware.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native_bf16 else torch.float32)
     assert hardware.decode_kernel_wins() is (name == "amx")
     int8_dot = name in ("amx", "avx512_bf16")
-    assert hardware.cpu_max_rows("w8a8", torch.float32) == (hardware.CPU_INT8_DOT_MAX_ROWS if int8_dot else 1)
+    # W8A8: oneDNN's int8 GEMM with VNNI/AMX, FBGEMM's int8 linear on AVX2 (torch._int_mm has no fast path
+    # there), the dequantized reference elsewhere; the 4-bit/8-bit weight-only ops take bf16 rows on AVX2
+    assert hardware.cpu_int8_gemm() == ("int_mm" if int8_dot else "fbgemm" if name == "avx2" else "reference")
+    assert hardware.cpu_max_rows("w8a8", torch.float32) == (hardware.CPU_INT8_DOT_MAX_ROWS if int8_dot else 0)
+    assert hardware.cpu_rules().weight_only_bf16_rows == (1 if name == "avx2" else 0)
+    assert hardware.cpu_rules().quant_llm == ("w8a8" if name == "avx2" else "w4a16")
+    assert hardware.cpu_rules().int8_gemm in hardware.INT8_GEMMS
     assert hardware.cpu_max_rows("w4a16", torch.bfloat16) == (16 if native_bf16 else 1)
     assert hardware.cpu_max_rows("w4a16", torch.float32) == 1
 

@@ -69,5 +69,6 @@ def test_bench_kernels_times_every_path_and_records_the_machine(tmp_path, monkey
     assert set(one["ms"]) == {p.name for p in kernels.PATHS}                # every path runs one row
     assert "bf16 torch.mv" not in many["ms"]                                # a matrix-vector op: one row only
     assert "W4A16 fused g128, bf16 x" not in many["ms"]                     # 40 outputs: not a multiple of 16
+    assert "W4A16 fused g128, fp32 x" not in many["ms"]
     assert all(v > 0 for row in data["kernels"] for v in row["ms"].values())
     assert data["provenance"]["cpu"]["name"] and "git_commit" in data["provenance"]

@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CHECKPOINTS, OUTPUTS, VARIANTS, case_messages, fixture_cases
+from conftest import CHECKPOINTS, MEDIA, OUTPUTS, VARIANTS, case_messages, fixture_cases
 from test_checkpoint import _assert_same_checkpoint
 from torch import nn
 
 import nvila
 from nvila.base import hardware
-from nvila.model.mixed import (PackedFp16Linear, UpcastEmbedding, UpcastLinear, fbgemm_fp16_available,
-                               fp32_math_on_16bit_weights)
+from nvila.model.mixed import (
+    PackedFp16Linear,
+    UpcastEmbedding,
+    UpcastLinear,
+    fbgemm_fp16_available,
+    fp32_math_on_16bit_weights,
+)
 
 pytestmark = pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM (x86 builds of torch) is not available")
 AVX2 = ("avx2", "fma")
@@ -137,3 +142,29 @@ def test_adapters_and_quantized_folders_load_in_float32(monkeypatch: pytest.Monk
     pipe = nvila.load(CHECKPOINTS / "nvila-lite", device="cpu", lora=tmp_path / "adapter")
     assert not any(isinstance(m, PackedFp16Linear) for m in pipe.model.modules())
     assert pipe.model.llm.dtype == torch.float32
+
+
+def test_mapped_input_embeddings_leave_the_table_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the LM head has its own packed copy, the 16-bit input table stays in the checkpoint file
+    (memory-mapped): the same rows as the loaded table (appended media rows included), the same logits, and
+    a save that writes the stored table back."""
+    import nvila.model.mixed as mixed
+    from nvila.model.mixed import MappedEmbedding
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(AVX2))
+    monkeypatch.setattr(mixed, "PACKED_MIN_WEIGHTS", 0)                  # pack the tiny LM head too
+    src = CHECKPOINTS / "nvila-lite"
+    pipe = nvila.load(src, device="cpu")
+    emb = pipe.model.llm.get_input_embeddings()
+    assert isinstance(emb, MappedEmbedding) and isinstance(pipe.model.llm.get_output_embeddings(), PackedFp16Linear)
+    monkeypatch.setattr("nvila.api.map_input_embeddings", lambda ckpt, rows: False)
+    plain = nvila.load(src, device="cpu")
+    table = plain.model.llm.get_input_embeddings()
+    assert isinstance(table, UpcastEmbedding) and emb.num_embeddings == table.weight.shape[0]
+    ids = torch.arange(table.weight.shape[0])                           # every row, appended ones included
+    assert torch.equal(emb(ids), table(ids)) and emb(ids).dtype == torch.float32
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(MEDIA / "china_800x600.png")},
+                                             {"type": "text", "text": "Describe the image."}]}]
+    assert torch.equal(pipe.next_token_logits(messages), plain.next_token_logits(messages))
+    pipe.save(tmp_path / "out")
+    _assert_same_checkpoint(src, tmp_path / "out")

@@ -147,7 +147,8 @@ def test_train_all_asks_every_answerable_question_with_the_pixels_answer(frames_
         assert all(isinstance(t["content"], str) for t in turns[1:])                # later turns: text only
         asked = meta["asked"]
         assert asked[0] == meta["question_type"] and len(set(asked)) == len(asked)
-        assert {"shape", "direction", "change_count"} <= set(asked)
+        assert {"shape", "direction"} <= set(asked)
+        assert ("change_count" in asked) == (meta["question_type"] == "change_count")
         assert ("colour" in asked) == (meta["colour_changes"] == 0)
         assert ("start_colour" in asked) == ("end_colour" in asked) == (meta["colour_changes"] > 0)
         assert ("flash_colour" in asked) == (meta["question_type"] == "flash_colour")
@@ -158,6 +159,13 @@ def test_train_all_asks_every_answerable_question_with_the_pixels_answer(frames_
             assert text == QUESTIONS[q]
             assert turns[2 * i + 1]["content"] == answer_from_pixels(q, seen, meta["size"]), (rec["id"], q)
     assert sum(len(r["metadata"]["asked"]) for r in every) > 3 * len(every)
+    focus = records(frames_dir, "train-direction")                  # the direction question alone, every clip
+    assert [r["id"] for r in focus] == [f"{r['id']}-direction" for r in clips_]
+    for one, rec in zip(clips_, focus):
+        assert rec["metadata"]["asked"] == ["direction"] and len(rec["messages"]) == 2
+        assert rec["messages"][0]["content"] == [one["messages"][0]["content"][0],
+                                                 {"type": "text", "text": QUESTIONS["direction"]}]
+        assert rec["messages"][1]["content"] == one["metadata"]["direction"]
 
 
 def test_same_seed_same_data_other_seed_other_data(frames_dir: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import nvila
 from nvila.base import hardware
 from nvila.base.errors import CheckpointError, ConfigError
 from nvila.cli.main import main
-from nvila.formats.quant import QuantSpec
+from nvila.formats.quant import ACTIVATIONS, QuantSpec
 from nvila.model import kernels
 from nvila.model.quantized import (
     QUANTIZERS,
@@ -40,6 +40,7 @@ from nvila.model.quantized import (
     fuse_w8a8_mlps,
     gelu_tanh_,
     pack_int4,
+    pack_int8_for_cpu,
     quantize_int4,
     quantize_int8,
     quantize_rows_int8,
@@ -177,14 +178,63 @@ def test_fused_kernel_equals_reference(scheme: str, k: int, flags: tuple, monkey
         ref = m.reference(x)
         torch.testing.assert_close(m.kernel(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     one, many = gaussian(1, 1, k, seed=4), gaussian(2, 5, k, seed=5)          # forward keeps leading dims
-    # several float32 rows: the reference, except W8A8 on CPUs with int8 dot products (VNNI/AMX)
     fake_cpu(monkeypatch, *flags)
-    fused_many = scheme == "w8a8" and flags == AVX512_BF16
-    assert kernels.use_kernel(scheme, one, 1, 96, k, 128)
-    assert kernels.use_kernel(scheme, many, 10, 96, k, 128) == fused_many
-    assert torch.equal(m(one), m.kernel(one))
-    assert torch.equal(m(many), m.kernel(many) if fused_many else m.reference(many))
+    if flags == AVX2:
+        # W8A8: FBGEMM's int8 linear at every row count; weight-only: one float32 row goes through the fused
+        # op in bf16 (its float32 form is slower than a float32 GEMM there), several take the reference
+        assert not kernels.use_kernel(scheme, many, 10, 96, k, 128)
+        if scheme == "w8a8":
+            assert not kernels.use_kernel(scheme, one, 1, 96, k, 128)
+            assert torch.equal(m(one), m.fbgemm(one)) and torch.equal(m(many), m.fbgemm(many))
+        else:
+            assert kernels.bf16_rows_for_kernel(scheme, one, 1) and not kernels.bf16_rows_for_kernel(scheme, many, 10)
+            assert torch.equal(m(one), m.kernel(one.bfloat16()).float())
+            assert torch.equal(m(many), m.reference(many))
+    else:
+        # several float32 rows: the reference, except W8A8 with int8 dot products (VNNI/AMX)
+        fused_many = scheme == "w8a8"
+        assert kernels.use_kernel(scheme, one, 1, 96, k, 128) and not kernels.bf16_rows_for_kernel(scheme, one, 1)
+        assert kernels.use_kernel(scheme, many, 10, 96, k, 128) == fused_many
+        assert torch.equal(m(one), m.kernel(one))
+        assert torch.equal(m(many), m.kernel(many) if fused_many else m.reference(many))
     assert m(many).shape == (2, 5, 96)
+
+
+@pytest.mark.parametrize("rows, input_scale", [(1, False), (37, False), (152, True)])
+def test_fbgemm_int8_linear_equals_its_written_out_definition(rows: int, input_scale: bool) -> None:
+    """FBGEMM's dynamic int8 linear (AVX2's W8A8 kernel) computes exactly kernels.fbgemm_int8_reference:
+    one asymmetric 7-bit activation scale per call, integer sums, float32 scaling; and it stays within W8A8's
+    error of the float layer, next to the per-token reference."""
+    k, n = 1152, 200
+    lin = gaussian_linear(k, n, seed=rows)
+    scale = torch.linspace(0.5, 2, k) if input_scale else None
+    m = W8A8Linear.from_float(lin, input_scale=scale)
+    x = gaussian(1, rows, k, seed=rows + 1) * 3
+    x[0, 0, 7] = 40                                          # an outlier channel stretches the per-call range
+    got = m.fbgemm(x)
+    assert got.shape == (1, rows, n) and torch.equal(got, m.fbgemm_reference(x))
+    # per token, 7-bit codes over [-r, r] against the reference's 8-bit: at most twice its activation step
+    # (measured 1.2-1.7x the reference's error; both far below the 0.1 a shared per-call scale gives here)
+    err, ref_err = (relative_error(lambda t, f=f: f(t), lin, x) for f in (m.fbgemm, m.reference))
+    assert ref_err < err < 2 * ref_err < 0.08
+
+
+def test_fbgemm_packing_drops_the_plain_weight_and_saves_what_it_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, *AVX2)
+    root = nn.Sequential(W8A8Linear.from_float(gaussian_linear(96, 64, seed=1)),
+                         W8A8Linear.from_float(gaussian_linear(64, 32, seed=2), input_scale=torch.linspace(1, 2, 64)))
+    x = gaussian(4, 96, seed=3)
+    before, state = root(x), {k: v.clone() for k, v in root.state_dict().items()}
+    assert pack_int8_for_cpu(root) == 2 and all(not m.weight.numel() for m in root)
+    assert torch.equal(root(x), before)
+    after = root.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)
+    fresh = nn.Sequential(W8A8Linear(96, 64), W8A8Linear(64, 32, input_scale=True))
+    pack_int8_for_cpu(fresh)                                 # packed zeros: a load replaces them
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), before) and torch.equal(fresh[0].int8_weight(), state["0.weight"])
+    fake_cpu(monkeypatch, *AVX512_BF16)
+    assert pack_int8_for_cpu(W8A8Linear.from_float(gaussian_linear(96, 64, seed=1))) == 0    # int_mm: kept plain
 
 
 def test_cuda_kernel_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -634,6 +684,57 @@ def test_w8_end_to_end_agrees_with_float() -> None:
     assert pipe.generate(QUESTION, max_new_tokens=12).output_token_ids == ref_tokens
 
 
+@pytest.mark.parametrize("flags", [AVX512_BF16, AVX2])
+def test_w8a8_llm_end_to_end(flags: tuple, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """W8A8 vision + W8A8 LLM (SmoothQuant, alpha 0.5), on a CPU with int8 dot products (torch._int_mm, 8-bit
+    codes per token) and on an AVX2 CPU (FBGEMM, 7-bit codes per token).
+
+    Per-layer error: weight rounding (~0.0066 relative, see the bounds above) plus activation rounding, as
+    large for 8-bit codes and twice as large for 7-bit ones: ~0.009 and ~0.015 expected (measured 0.009 /
+    0.015 mean); the bounds leave room for the calibration rows' spread. The logits of this random model
+    (whose greedy margins are ~0.1 logits) stay within cosine 0.99. Loaded under the same CPU class's rules
+    (AVX2, ``dtype="auto"``: float layers in their stored 16 bits, int8 weights packed for FBGEMM), the model
+    runs as it did in memory and saves the same tensors again.
+    """
+    fake_cpu(monkeypatch, *flags)
+    pipe = fresh_lite()
+    ref = pipe.next_token_logits(QUESTION)
+    result = quantize_pipeline(pipe, QuantSpec(llm="w8a8"), calib(pipe))
+    assert result.config["llm"] == {"scheme": "w8a8", "method": "smoothquant", "bias_correction": False,
+                                    "alpha": 0.5, "activations": ACTIVATIONS}
+    layers = pipe.model.llm.model.layers
+    assert all(isinstance(m, W8A8Linear) for m in (layers[0].self_attn.q_proj, layers[1].mlp.down_proj))
+    summary = result.summary()["llm"]
+    assert summary["mean_rel_error"] < (0.012 if flags == AVX512_BF16 else 0.02)
+    logits = pipe.next_token_logits(QUESTION)
+    assert torch.nn.functional.cosine_similarity(logits, ref, dim=0) > 0.99
+    out = pipe.save(tmp_path / "q")
+    # "auto" is float32 math on AVX2; on a bf16 CPU it is bf16, which rounds the float32 norms that absorbed
+    # SmoothQuant scales, so that class is checked in float32
+    loaded = nvila.load(out, dtype="auto" if flags == AVX2 else "float32", device="cpu")
+    if flags == AVX2:
+        assert not loaded.model.llm.model.layers[0].self_attn.q_proj.weight.numel()   # packed, plain copy dropped
+        assert loaded.model.llm.get_input_embeddings().weight.dtype == torch.bfloat16   # stored bf16, kept so
+        linears = [m for m in loaded.model.projector.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+        torch.testing.assert_close(loaded.next_token_logits(QUESTION), logits, rtol=0, atol=1e-4)
+    again = loaded.save(tmp_path / "again")
+    for part in ("llm", "vision_tower", "mm_projector"):
+        want, got = load_file(out / part / "model.safetensors"), load_file(again / part / "model.safetensors")
+        assert want.keys() == got.keys()
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want), part
+
+
+def test_llm_scheme_auto_follows_the_cpu_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvila.cli.quantize import llm_scheme
+
+    fake_cpu(monkeypatch, *AVX2)
+    assert llm_scheme("auto", "cpu") == "w8a8" and llm_scheme("auto", "cuda") == "w4a16"
+    assert llm_scheme("W8A16", "cpu") == "w8a16" and llm_scheme("none", "cpu") is None
+    fake_cpu(monkeypatch, *AVX512_BF16)
+    assert llm_scheme("auto", "cpu") == "w4a16"
+
+
 def test_w4_end_to_end_error_is_that_of_4bit_weights() -> None:
     """W4A16: on these random tiny models 4-bit weights alone move the logits a lot.
 
@@ -714,7 +815,7 @@ def test_quantize_model_refuses_no_calibration_and_quantized_models(quantized) -
 
 def test_cli_quantize_writes_config_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "q"
-    assert main(["quantize", "--model", str(LITE), "--out", str(out), "--calib", str(MEDIA),
+    assert main(["quantize", "--model", str(LITE), "--out", str(out), "--calib", str(MEDIA), "--llm", "w4a16",
                  "--calib-samples", "2", "--group-size", "64"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "quant_report.json").read_text())

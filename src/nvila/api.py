@@ -22,7 +22,7 @@ import torch
 
 from nvila.base.errors import CheckpointError, ConfigError
 from nvila.base.hardware import cpu_rules, decode_kernel_wins, resolve_device, resolve_dtype
-from nvila.checkpoint.load import Checkpoint, load_checkpoint, resolve
+from nvila.checkpoint.load import Checkpoint, load_checkpoint, map_input_embeddings, resolve, restore_16bit
 from nvila.checkpoint.lora import find_adapter, load_adapter, merge_lora, require_peft
 from nvila.checkpoint.save import save_checkpoint
 from nvila.formats.layout import QUANT_CONFIG
@@ -31,6 +31,7 @@ from nvila.generate import SamplingParams, TextStep, Trim, decode_text
 from nvila.grammar import Grammars, JsonGrammar
 from nvila.model.fast import contiguous_head, use_decode_linear, use_fast_vision_attention
 from nvila.model.mixed import fp32_math_on_16bit_weights
+from nvila.model.quantized import pack_int8_for_cpu
 from nvila.processing.processor import Processor
 from nvila.processing.timestamps import Segment, TimeTokens
 
@@ -93,7 +94,9 @@ def load(
     (:mod:`nvila.model.fast`); results move by bf16 rounding. float32 (default on for ``dtype="auto"`` where
     the rules say so, AVX2 CPUs): weights stored in bf16 stay 16-bit and are multiplied in float32
     (:mod:`nvila.model.mixed`), which loses nothing against the float32 reference and halves the weights'
-    memory and bytes per token; not with ``lora`` or for quantized folders, which load in float32.
+    memory and bytes per token; not with ``lora``. A quantized folder loads its float layers (LM head,
+    embeddings, projector) that way too, and where the CPU rule runs W8A8 through FBGEMM (AVX2), its int8
+    weights are packed for it once at load (:func:`nvila.model.quantized.pack_int8_for_cpu`).
     ``lora`` names a LoRA adapter folder (``nvila.checkpoint.lora.save_adapter``, needs ``nvila[train]``): it
     is loaded into the base model and merged, so inference runs at the base model's speed.
     A folder with a ``quant_config.json`` (written by ``nvila quantize``) loads as the quantized model.
@@ -111,10 +114,10 @@ def load(
         find_adapter(lora)
     source = resolve(source)
     auto = dtype in (None, "auto")
+    quantized = (source / QUANT_CONFIG).is_file()
     fp32_on_16bit = (dev.type == "cpu" and dt == torch.float32 and lora is None
-                     and not (source / QUANT_CONFIG).is_file()
                      and (fast if fast is not None else auto and cpu_rules().fp32_math_on_16bit_weights))
-    ckpt = load_checkpoint(source, dtype=dt, device=str(dev), keep_16bit=fp32_on_16bit)
+    ckpt = load_checkpoint(source, dtype=dt, device=str(dev), keep_16bit=fp32_on_16bit and not quantized)
     if lora is not None:
         if QUANT_CONFIG in ckpt.records[""].files:
             raise ConfigError("a LoRA adapter cannot be merged into a quantized checkpoint; merge it into the "
@@ -122,11 +125,16 @@ def load(
         load_adapter(ckpt.model, lora)
         merge_lora(ckpt.model)
     if fp32_on_16bit:
+        if quantized:          # built in float32 (its parts mix dtypes): its float layers go back to 16 bits
+            restore_16bit(ckpt)
+        map_input_embeddings(ckpt, cpu_rules().packed_fp16_max_rows)
         fp32_math_on_16bit_weights(ckpt.model, cpu_rules().packed_fp16_max_rows)
     elif fast if fast is not None else (dev.type == "cpu" and dt == torch.bfloat16):
         if decode_kernel_wins():
             use_decode_linear(ckpt.model.llm)
         use_fast_vision_attention(ckpt.model.vision.model)
+    if quantized:
+        pack_int8_for_cpu(ckpt.model)
     contiguous_head(ckpt.model.llm)
     return Pipeline(ckpt)
 

@@ -98,7 +98,10 @@ class CpuRules:
     ``packed_fp16_max_rows``: rows up to which a 16-bit linear runs FBGEMM's fp16 GEMM (above: unpack to
     float32 and ``F.linear``). ``decode_mv``: single-row bf16 products through ``torch.mv``.
     ``bf16_quant_max_rows``: rows up to which a weight-only quantized linear with bf16 activations takes the
-    fused op.
+    fused op. ``int8_gemm``: the W8A8 kernel (:data:`INT8_GEMMS`). ``weight_only_bf16_rows``: float32 rows up
+    to which a weight-only quantized linear (W8A16/W4A16) rounds its input to bf16 for the fused op, where
+    the op's float32 form is slower than a float32 GEMM (0: never). ``quant_llm``: the LLM scheme
+    ``nvila quantize`` picks by default (``--llm auto``): the fastest decode that passes the accuracy guard.
     """
 
     auto_bf16: bool
@@ -106,20 +109,35 @@ class CpuRules:
     packed_fp16_max_rows: int
     decode_mv: bool
     bf16_quant_max_rows: int
+    int8_gemm: str
+    weight_only_bf16_rows: int
+    quant_llm: str
     source: str
+
+
+# How a W8A8 linear multiplies on a CPU (nvila.model.kernels):
+#   int_mm     torch._int_mm (oneDNN, VNNI/AMX): int8 x int8 -> int32, activations per token, symmetric 8-bit
+#   fbgemm     FBGEMM's dynamic int8 linear (quantized::linear_dynamic): activations per call, asymmetric,
+#              7-bit (reduce_range: exact on CPUs whose int8 pair sums go through int16, i.e. without VNNI)
+#   reference  dequantized codes through a float GEMM (per token, symmetric 8-bit): no fast int8 op known
+INT8_GEMMS = ("int_mm", "fbgemm", "reference")
 
 
 UNLIMITED = 1 << 62
 RULES: dict[str, CpuRules] = {
     # torch.mv outstreams F.linear for one bf16 row only here (earlier AMX measurements; no kernels JSON yet)
-    "amx": CpuRules(True, False, UNLIMITED, True, 16, "no kernels-amx.json in the repository yet"),
-    "avx512_bf16": CpuRules(True, False, UNLIMITED, False, 16, "docs/perf/kernels-avx512_bf16.json"),
+    "amx": CpuRules(True, False, UNLIMITED, True, 16, "int_mm", 0, "w4a16",
+                    "no kernels-amx.json in the repository yet"),
+    "avx512_bf16": CpuRules(True, False, UNLIMITED, False, 16, "int_mm", 0, "w4a16",
+                            "docs/perf/kernels-avx512_bf16.json"),
     # bf16 GEMMs are emulated (slower than fp32): float32 math; FBGEMM's fp16 GEMM reads half the bytes of
-    # fp32 (its row limit is provisional until a kernels-avx2.json is measured)
-    "avx2": CpuRules(False, True, UNLIMITED, False, 1, "provisional: no kernels-avx2.json yet"),
+    # fp32 at every row count. torch._int_mm has no fast path without VNNI (2 GOP/s measured on a real AVX2
+    # CPU) while FBGEMM's int8 linear is 2-12x float32; the weight-only ops are 2x slower than float32 with
+    # float32 rows, 6-7x faster with bf16 rows (decode). W8A8 decodes fastest: the LLM default.
+    "avx2": CpuRules(False, True, UNLIMITED, False, 1, "fbgemm", 1, "w8a8", "docs/perf/kernels-avx2-emulated.json"),
     # no FBGEMM on ARM: bf16 where the CPU has it (ARMv8.6 BF16), else plain float32
-    "arm": CpuRules(True, False, UNLIMITED, False, 1, "unmeasured: no ARM machine available"),
-    "generic": CpuRules(False, False, UNLIMITED, False, 1, "the reference's float32 kernels"),
+    "arm": CpuRules(True, False, UNLIMITED, False, 1, "reference", 0, "w4a16", "unmeasured: no ARM machine available"),
+    "generic": CpuRules(False, False, UNLIMITED, False, 1, "reference", 0, "w4a16", "the reference's float32 kernels"),
 }
 
 
@@ -196,12 +214,23 @@ CPU_INT8_DOT_MAX_ROWS = 1 << 62
 
 
 def cpu_max_rows(scheme: str, dtype: torch.dtype) -> int:
-    """Rows up to which the fused CPU op runs a ``scheme`` layer with activations of ``dtype``."""
-    if scheme == "w8a8" and cpu_has_int8_dot():
-        return CPU_INT8_DOT_MAX_ROWS
+    """Rows up to which the fused CPU op runs a ``scheme`` layer with activations of ``dtype``
+    (W8A8: ``torch._int_mm``, see :func:`cpu_int8_gemm` for the other int8 kernels)."""
+    if scheme == "w8a8":
+        return CPU_INT8_DOT_MAX_ROWS if cpu_int8_gemm() == "int_mm" else 0
     if dtype == torch.bfloat16 and cpu_has_native_bf16() and scheme != "w8a8":
         return cpu_rules().bf16_quant_max_rows
     return CPU_MAX_ROWS[scheme]
+
+
+def cpu_int8_gemm() -> str:
+    """The W8A8 kernel of this CPU (:data:`INT8_GEMMS`); ``int_mm`` needs int8 dot products, ``fbgemm`` FBGEMM."""
+    choice = cpu_rules().int8_gemm
+    if choice == "int_mm" and not cpu_has_int8_dot():
+        return "reference"
+    if choice == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "reference"
+    return choice
 
 
 # FP8 tensor cores (torch._scaled_mm): Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x).

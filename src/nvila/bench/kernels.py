@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvila.base.files import write_json
-from nvila.base.provenance import provenance
 from nvila.base.hardware import UNLIMITED
+from nvila.base.provenance import provenance
 from nvila.model.mixed import PackedFp16Linear, fbgemm_fp16_available
 from nvila.model.quantized import W4A16Linear, W8A8Linear, W8A16Linear
 
@@ -65,27 +65,60 @@ def _upcast(lin: nn.Linear, x: torch.Tensor) -> Any:
     return lambda: F.linear(x, w.float())
 
 
+def _onednn(lin: nn.Linear, x: torch.Tensor) -> Any:
+    """oneDNN's float32 linear on a weight reordered once into its blocked layout (what torch.compile's
+    freezing uses on CPU)."""
+    w = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None)
+    return lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _mkl_packed(lin: nn.Linear, x: torch.Tensor) -> Any:
+    """MKL's packed-weight sgemm (``cblas_sgemm_pack``), packed for this row count."""
+    w = lin.weight.detach()
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, x.shape[0])
+    return lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, x.shape[0])
+
+
+def _one_thread(lin: nn.Linear, x: torch.Tensor) -> Any:
+    def run() -> torch.Tensor:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return F.linear(x, lin.weight)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def _quant(cls: type, path: str, dtype: torch.dtype) -> Callable[[nn.Linear, torch.Tensor], Any]:
     def make(lin: nn.Linear, x: torch.Tensor) -> Any:
         m = cls.from_float(lin, group_size=128) if cls is W4A16Linear else cls.from_float(lin)
         xx = x.to(dtype)
         if path == "kernel" and cls is W4A16Linear and lin.out_features % 16:
             return None
+        if path == "fbgemm":
+            return (lambda: m.fbgemm(xx)) if "fbgemm" in torch.backends.quantized.supported_engines else None
         return (lambda: m.kernel(xx)) if path == "kernel" else (lambda: m.reference(xx))
     return make
 
 
 PATHS: tuple[Path, ...] = (
     Path("fp32 F.linear", _float(torch.float32)),
+    Path("fp32 F.linear, 1 thread", _one_thread),
+    Path("fp32 oneDNN, reordered weight", _onednn),
+    Path("fp32 MKL, packed weight", _mkl_packed),
     Path("bf16 F.linear", _float(torch.bfloat16)),
     Path("bf16 torch.mv", _float(torch.bfloat16, mv=True)),
     Path("bf16 w, fp32 x: FBGEMM fp16", _packed_fp16),
     Path("bf16 w, fp32 x: upcast + F.linear", _upcast),
     Path("W8A16 fused, bf16 x", _quant(W8A16Linear, "kernel", torch.bfloat16)),
+    Path("W8A16 fused, fp32 x", _quant(W8A16Linear, "kernel", torch.float32)),
     Path("W8A16 reference, bf16 x", _quant(W8A16Linear, "reference", torch.bfloat16)),
     Path("W4A16 fused g128, bf16 x", _quant(W4A16Linear, "kernel", torch.bfloat16)),
+    Path("W4A16 fused g128, fp32 x", _quant(W4A16Linear, "kernel", torch.float32)),
     Path("W4A16 reference g128, bf16 x", _quant(W4A16Linear, "reference", torch.bfloat16)),
     Path("W8A8 fused (_int_mm), fp32 x", _quant(W8A8Linear, "kernel", torch.float32)),
+    Path("W8A8 FBGEMM int8, fp32 x", _quant(W8A8Linear, "fbgemm", torch.float32)),
     Path("W8A8 reference, fp32 x", _quant(W8A8Linear, "reference", torch.float32)),
 )
 

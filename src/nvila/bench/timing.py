@@ -96,7 +96,8 @@ def _peak_rss() -> int:
 
 def _tensor_bytes(module: torch.nn.Module, skip: torch.Tensor | None = None) -> int:
     """Bytes of a module's parameters and buffers (quantized layers keep their weights as buffers) and of
-    packed weights (``packed_bytes`` of :class:`~nvila.model.mixed.PackedFp16Linear`)."""
+    packed weights (``packed_bytes`` of :class:`~nvila.model.mixed.PackedFp16Linear` and of FBGEMM-packed
+    :class:`~nvila.model.quantized.W8A8Linear`)."""
     seen: set[int] = set()
     total = sum(getattr(m, "packed_bytes", 0) for m in module.modules())
     for t in (*module.parameters(), *module.buffers()):

@@ -19,12 +19,22 @@ from torch import nn
 
 from nvila.base.errors import CheckpointError
 from nvila.base.files import json_bytes, read_json
+from nvila.base.hardware import release_freed_memory
 from nvila.checkpoint.quant import apply_quant_config
-from nvila.checkpoint.weights import (PartRecord, PartSource, load_weights, non_weight_files, stored_float_dtype,
-                                     weight_files)
+from nvila.checkpoint.weights import (
+    PartRecord,
+    PartSource,
+    load_weights,
+    map_tensor,
+    non_weight_files,
+    read_rows,
+    stored_float_dtype,
+    weight_files,
+)
 from nvila.formats.config import NvilaConfig
 from nvila.formats.hf import HF_ONLY_FILES, HF_PREFIX, HF_TYPES, folder_layout, llava_configs
-from nvila.formats.layout import CONFIG, PARTS, PREPROCESSOR, QUANT_CONFIG, WEIGHT_SUFFIXES
+from nvila.formats.layout import CONFIG, PARTS, PREPROCESSOR, QUANT_CONFIG, WEIGHT_SUFFIXES, official_name
+from nvila.model.mixed import MappedEmbedding, PackedFp16Linear, packable
 from nvila.model.nvila import NvilaModel
 from nvila.model.projector import Projector
 from nvila.model.vision import VisionTower
@@ -222,6 +232,65 @@ def transformers_config(folder: Folder, part: str) -> Any:
         return AutoConfig.for_model(d.pop("model_type"), **d)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot parse the {part} config of {folder.sources[part].folder}: {e}") from e
+
+
+def restore_16bit(ckpt: Checkpoint) -> int:
+    """Cast every plain linear and embedding whose weight the checkpoint stores in bf16/fp16 back to that dtype
+    (exact: it was loaded from it), for a model built in float32 because its parts mix dtypes (a quantized
+    checkpoint: float32 scales next to 16-bit layers). Returns the number of modules cast."""
+    parts = {"vision_tower": ckpt.model.vision.model, "mm_projector": ckpt.model.projector, "llm": ckpt.model.llm}
+    count = 0
+    for part, root in parts.items():
+        stored = ckpt.records[part].dtypes
+        modules = sorted(((n, m) for n, m in root.named_modules() if type(m) in (nn.Linear, nn.Embedding)),
+                         key=lambda item: not isinstance(item[1], nn.Embedding))   # a tied head follows its table
+        for name, module in modules:
+            dtype = stored.get(official_name(root, part, f"{name}.weight"))
+            if dtype in (torch.bfloat16, torch.float16) and module.weight.dtype != dtype:
+                module.weight.data = module.weight.data.to(dtype)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.data = module.bias.data.to(stored.get(official_name(root, part, f"{name}.bias"),
+                                                                      dtype))
+                count += 1
+    return count
+
+
+def map_input_embeddings(ckpt: Checkpoint, packed_max_rows: int) -> bool:
+    """Leave the LLM's 16-bit input embedding table in the checkpoint file, memory-mapped
+    (:class:`MappedEmbedding`), for float32 math on 16-bit weights; call it before
+    :func:`nvila.model.mixed.fp32_math_on_16bit_weights`. A tied LM head that would be packed is packed now,
+    from the file block by block (:class:`PackedFp16Linear`), so the in-memory table is freed before any
+    packed copy exists: the model never holds the table twice. Nothing changes (False) when the table is not
+    stored in the dtype it was loaded in, a tied head cannot be packed (it multiplies the in-memory table), or
+    the file's rows differ from the loaded ones."""
+    llm = ckpt.model.llm
+    emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    if type(emb) is not nn.Embedding or emb.weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    if tied and (type(head) is not nn.Linear or not packable(head.weight)):
+        return False
+    rows = ckpt.records["llm"].vocab_rows or emb.weight.shape[0]
+    name = next(n for n, m in llm.named_modules() if m is emb)
+    key = official_name(llm, "llm", f"{name}.weight")
+    source = read_folder(ckpt.root).sources["llm"]
+    table = map_tensor(source, key)
+    if table is None or table.dtype != emb.weight.dtype or tuple(table.shape) != (rows, emb.weight.shape[1]):
+        return False
+    every = max(1, rows // 64)
+    if not torch.equal(table[::every], emb.weight[:rows:every]):
+        return False                                 # not the rows that were loaded (a changed file)
+    tail = emb.weight.detach()[rows:].clone()
+    if tied:
+        if tail.shape[0] and getattr(head, "float_tail", None) is None:   # appended rows: not in the file
+            head.float_tail = tail.float()
+        head.weight = nn.Parameter(table, requires_grad=False)          # the in-memory table's last holder
+        llm.set_output_embeddings(PackedFp16Linear(head, packed_max_rows,
+                                                   read_rows=lambda a, b: read_rows(source, key, a, b)))
+    llm.set_input_embeddings(MappedEmbedding(table, tail, torch.float32))
+    del emb, head
+    release_freed_memory()
+    return True
 
 
 def _part_dtype(source: PartSource, dtype: torch.dtype, keep_16bit: bool) -> torch.dtype:

@@ -74,6 +74,47 @@ class PartSource:
         return [(k, k[n:]) for k in f.keys() if k.startswith(self.prefix)]
 
 
+MAPPABLE = {"BF16": (torch.bfloat16, "int16"), "F16": (torch.float16, "int16"), "F32": (torch.float32, "float32")}
+
+
+def map_tensor(source: PartSource, key: str) -> torch.Tensor | None:
+    """One stored float tensor (llava ``key``) memory-mapped from its safetensors file, copy-on-write (the file
+    is never written); None when no file of the part holds it. Pages are read when the tensor is."""
+    import json
+    import struct
+
+    import numpy as np
+
+    for file in source.files:
+        try:
+            with open(file, "rb") as fh:
+                size = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+        entry = header.get(source.prefix + key)
+        if entry is None:
+            continue
+        if entry.get("dtype") not in MAPPABLE:
+            return None
+        dtype, np_dtype = MAPPABLE[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        array = np.memmap(file, dtype=np_dtype, mode="c", offset=8 + size + begin, shape=(count,))
+        return torch.from_numpy(array).view(dtype).view(entry["shape"])
+    return None
+
+
+def read_rows(source: PartSource, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of one stored tensor (llava ``key``), read from its file alone (the file is closed
+    again, so none of it stays mapped)."""
+    for file in source.files:
+        with safe_open(str(file), framework="pt") as f:
+            if source.prefix + key in f.keys():
+                return f.get_slice(source.prefix + key)[start:stop]
+    raise CheckpointError(f"{source.folder} holds no tensor {key!r}")
+
+
 def stored_float_dtype(source: PartSource) -> torch.dtype | None:
     """The one floating dtype every floating tensor of a part is stored in (None: mixed, or none at all)."""
     names = set()

@@ -297,15 +297,14 @@ def ground_truth(clip: Clip) -> dict[str, Any]:
 
 def answerable(meta: dict[str, Any]) -> dict[str, list[str]]:
     """Every question type a clip answers, from its record's ground truth: its own, plus the moving shape's
-    shape, direction and number of colour changes, its colour when it never changes, its first and last
-    colour when it does.
+    shape and direction, its colour when it never changes, its first and last colour when it does.
 
+    The count of colour changes is asked only of clips made for it (as the flash is), whose counts are
+    balanced over 0-3: every other clip changes colour 0 or 1 times, and asking them too taught a prior.
     Training on all of them (``train-all.jsonl``, one conversation of independent questions per clip) gives
     each clip several answers for the price of one video prefix."""
     segments = meta["segments"]
-    changes = len(segments) - 1
-    out = {"shape": [meta["shape"]], "direction": [meta["direction"]],
-           "change_count": [str(changes), NUMBER_WORDS[changes]]}
+    out = {"shape": [meta["shape"]], "direction": [meta["direction"]]}
     if len(segments) == 1:
         out["colour"] = [segments[0]["colour"]]
     else:
@@ -316,22 +315,42 @@ def answerable(meta: dict[str, Any]) -> dict[str, list[str]]:
 
 def all_questions_record(rec: dict[str, Any]) -> dict[str, Any]:
     """A training record asking every question :func:`answerable` finds for the record's clip."""
+    return _questions_record(rec, answerable(rec["metadata"]), rec["id"])
+
+
+def _questions_record(rec: dict[str, Any], asked: dict[str, list[str]], rid: str) -> dict[str, Any]:
     video = rec["messages"][0]["content"][0]
-    asked = answerable(rec["metadata"])
     messages: list[dict[str, Any]] = []
     for q, accepted in asked.items():
         content: Any = [video, {"type": "text", "text": QUESTIONS[q]}] if not messages else QUESTIONS[q]
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": accepted[0]}]
-    return {"id": rec["id"], "messages": messages, "metadata": {**rec["metadata"], "asked": list(asked)}}
+    return {"id": rid, "messages": messages, "metadata": {**rec["metadata"], "asked": list(asked)}}
 
 
-def write_all_questions(folder: str | Path, split: str = "train") -> Path:
-    """``<split>-all.jsonl`` next to an existing ``<split>.jsonl``: the same clips, every answerable question each."""
+# Question types whose own training file (train-<type>.jsonl: that question alone, every train clip) lets a
+# recipe weight them up: the direction of motion is the slowest type to learn.
+FOCUS_TYPES = ("direction",)
+
+
+def training_sets(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The training files made from the train split's records: ``train-all`` and ``train-<type>`` for
+    :data:`FOCUS_TYPES`."""
+    sets = {"train-all": [all_questions_record(r) for r in records]}
+    for q in FOCUS_TYPES:
+        sets[f"train-{q}"] = [_questions_record(r, {q: answerable(r["metadata"])[q]}, f"{r['id']}-{q}")
+                              for r in records]
+    return sets
+
+
+def write_training_sets(folder: str | Path) -> dict[str, Path]:
+    """(Re)write the :func:`training_sets` files next to an existing ``train.jsonl`` (clips untouched)."""
     folder = Path(folder)
-    src = folder / f"{split}.jsonl"
+    src = folder / "train.jsonl"
     records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = folder / f"{split}-all.jsonl"
-    _write_jsonl(out, [all_questions_record(r) for r in records])
+    out = {}
+    for name, rows in training_sets(records).items():
+        out[name] = folder / f"{name}.jsonl"
+        _write_jsonl(out[name], rows)
     return out
 
 
@@ -412,10 +431,10 @@ def write_video_data(out: str | Path, train: int, test: int, seed: int = 0, fmt:
             summary[split] = {"path": str(out / f"{split}.jsonl"), "clips": count,
                               "by_question_type": dict(Counter(r["metadata"]["question_type"] for r in records))}
             if split == "train" and records:
-                every = [all_questions_record(r) for r in records]
-                _write_jsonl(tmp / "train-all.jsonl", every)
-                summary["train-all"] = {"path": str(out / "train-all.jsonl"), "clips": count,
-                                        "questions": sum(len(r["metadata"]["asked"]) for r in every)}
+                for name, rows in training_sets(records).items():
+                    _write_jsonl(tmp / f"{name}.jsonl", rows)
+                    summary[name] = {"path": str(out / f"{name}.jsonl"), "clips": count,
+                                     "questions": sum(len(r["metadata"]["asked"]) for r in rows)}
         info = {"generator": __name__, "seed": seed, "format": fmt, "codec": codec, "ranges": asdict(ranges),
                 "splits": summary, "question_types": QUESTIONS}
         (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")

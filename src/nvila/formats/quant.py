@@ -27,10 +27,14 @@ from nvila.base.errors import ConfigError
 FORMAT_VERSION = 1
 ENTRY_FIELDS = ("part", "name", "scheme", "in_features", "out_features", "bias", "input_scale")
 VISION_SCHEMES = ("w8a8",)
-LLM_SCHEMES = ("w4a16", "w8a16")
+LLM_SCHEMES = ("w4a16", "w8a16", "w8a8")
 METHODS = {"w8a8": "smoothquant", "w4a16": "awq", "w8a16": "round-to-nearest"}
 ROUNDINGS = ("nearest", "gptq")
 GROUP_SIZES = (32, 64, 128, 256)          # what the fused 4-bit kernels accept
+
+
+# W8A8 activations are quantized at run time by the kernel the machine runs (nvila.model.kernels)
+ACTIVATIONS = "int8, dynamic: per token (oneDNN/CUDA/reference) or per call, 7-bit (FBGEMM on AVX2)"
 
 
 def default_clip(rounding: str) -> bool:
@@ -49,7 +53,8 @@ class QuantSpec:
     """How to quantize a model; validated when made, so a bad setting fails before any slow work.
 
     ``vision``/``llm``: scheme or None (left float). ``group_size``: W4A16 input channels per scale.
-    ``alpha``: SmoothQuant migration strength. ``n_grid``: AWQ grid points. ``rows_per_call``: calibration
+    ``alpha``: SmoothQuant migration strength (vision tower); ``llm_alpha``: the same for a W8A8 LLM.
+    ``n_grid``: AWQ grid points. ``rows_per_call``: calibration
     rows kept per forward call and linear input. ``bias_correction``: add every weight-only LLM layer's mean
     output error over the calibration inputs to its bias. ``rounding`` (W4A16): ``gptq`` or ``nearest``.
     ``sequential``: calibrate each decoder layer behind the already quantized ones. ``clip``: AWQ's
@@ -60,6 +65,7 @@ class QuantSpec:
     llm: str | None = "w4a16"
     group_size: int = 128
     alpha: float = 0.3
+    llm_alpha: float = 0.5
     n_grid: int = 20
     rows_per_call: int = 64
     bias_correction: bool = False
@@ -79,8 +85,9 @@ class QuantSpec:
             check_group_size(self.group_size)
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"unknown rounding {self.rounding!r}; choose from {list(ROUNDINGS)}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        for name in ("alpha", "llm_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"SmoothQuant {name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("n_grid", "rows_per_call"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -93,13 +100,15 @@ class QuantSpec:
         llm_entry = None
         if self.llm is not None:
             llm_entry = {"scheme": self.llm, "method": METHODS[self.llm], "bias_correction": self.bias_correction}
-            if self.llm == "w4a16":
+            if self.llm == "w8a8":
+                llm_entry.update(alpha=self.llm_alpha, activations=ACTIVATIONS)
+            elif self.llm == "w4a16":
                 llm_entry.update(w_bit=4, group_size=self.group_size, zero_point=True, rounding=self.rounding,
                                  sequential=self.sequential, clip=self.clip)
         vision_entry = None
         if self.vision is not None:
             vision_entry = {"scheme": self.vision, "method": METHODS[self.vision], "alpha": self.alpha,
-                            "activations": "int8 per token, dynamic"}
+                            "activations": ACTIVATIONS}
         return {"format_version": FORMAT_VERSION, "vision": vision_entry, "llm": llm_entry,
                 "group_size": self.group_size, "calibration": {"prompts": prompts, "tiles": tiles},
                 "modules": modules}

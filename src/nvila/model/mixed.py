@@ -9,13 +9,16 @@ the memory and half the bytes per decoded token. Three swaps, applied by :func:`
                        gives back the exact stored weight (the product uses their fp16 value: < 2^-25 off)
     UpcastLinear       a 16-bit weight upcast per call (where fp16 cannot hold it: |w| > 65504, or no FBGEMM)
     UpcastEmbedding    a 16-bit table whose looked-up rows come back in float32
+    MappedEmbedding    the same with the table left in the checkpoint file, memory-mapped; a tied LM head
+                       is then packed from the file block by block
+                       (:func:`nvila.checkpoint.load.map_input_embeddings`)
 
 Parameter names are unchanged: a swapped model saves the same tensors it loaded.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,58 @@ class UpcastEmbedding(nn.Embedding):
         return super().forward(ids).to(self.compute_dtype)
 
 
+class MappedEmbedding(nn.Module):
+    """An embedding whose 16-bit table stays in the checkpoint file, memory-mapped: a lookup reads only the
+    pages of the rows it gathers, so the table costs no resident memory beyond them (the LM head, tied to it
+    in the checkpoint, has its own packed copy). Rows appended at load (media tokens) are kept in ``tail``.
+    Looked-up rows come back in ``compute_dtype``. ``state_dict`` writes the whole table under ``weight``,
+    read from the file; the file must not change while the model is loaded (as for any mapped weights).
+    """
+
+    def __init__(self, table: torch.Tensor, tail: torch.Tensor, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.shape[0] + tail.shape[0], table.shape[1]
+        self.compute_dtype = compute_dtype
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("tail", tail, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The mapped rows (their dtype is the table's; the appended rows are in ``tail``)."""
+        return self.table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.shape[0]
+        if not self.tail.shape[0] or not bool((ids >= rows).any()):
+            return F.embedding(ids, self.table).to(self.compute_dtype)
+        out = F.embedding(ids.clamp(max=rows - 1), self.table).to(self.compute_dtype)
+        extra = ids >= rows
+        out[extra] = self.tail[ids[extra] - rows].to(self.compute_dtype)
+        return out
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = torch.cat([self.table, self.tail.to(self.table.dtype)])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+            return
+        w = state_dict[prefix + "weight"].to(self.table.dtype)
+        self.table, self.tail = w[: self.table.shape[0]].clone(), w[self.table.shape[0]:].clone()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mapped rows={self.table.shape[0]}"
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether a 16-bit linear weight takes :class:`PackedFp16Linear`: FBGEMM is there, the weight is large
+    enough to gain (:data:`PACKED_MIN_WEIGHTS`) and fp16 holds its range."""
+    w = weight.detach()
+    return (fbgemm_fp16_available() and w.numel() >= PACKED_MIN_WEIGHTS
+            and max(float(w.max()), -float(w.min())) <= FP16_MAX)
+
+
 def fbgemm_fp16_available() -> bool:
     engines = torch.backends.quantized.supported_engines
     return hasattr(torch.ops.quantized, "linear_prepack_fp16") and "fbgemm" in engines
@@ -61,29 +116,34 @@ class PackedFp16Linear(nn.Module):
 
     BLOCK_WEIGHTS = 1 << 24   # weights packed per FBGEMM matrix: bounds the float32 copy packing needs
 
-    def __init__(self, linear: nn.Linear, max_rows: int) -> None:
+    def __init__(self, linear: nn.Linear, max_rows: int,
+                 read_rows: Callable[[int, int], torch.Tensor] | None = None) -> None:
+        """``read_rows(start, stop)``: where the stored rows come from when not from ``linear.weight`` (a
+        checkpoint file read block by block, so packing never holds the whole 16-bit weight)."""
         super().__init__()
-        w = linear.weight.detach()
         self.in_features, self.out_features, self.max_rows = linear.in_features, linear.out_features, max_rows
-        self.stored_dtype = w.dtype
+        self.stored_dtype = linear.weight.dtype
         # output rows known exactly only in float32 (an LM head's rows appended at load): kept apart
         tail = getattr(linear, "float_tail", None)
         self.register_buffer("float_tail", None if tail is None else tail.float(), persistent=False)
-        if tail is not None:
-            w = w[: w.shape[0] - tail.shape[0]]
+        rows = self.out_features - (0 if tail is None else tail.shape[0])
+        if read_rows is None:
+            w = linear.weight.detach()
+            read_rows = lambda start, stop: w[start:stop]             # noqa: E731
         # a large weight (an LM head) is packed in row blocks, so packing never holds a float32 copy of it
         step = max(1, self.BLOCK_WEIGHTS // self.in_features)
-        self._packed, inexact = [], []
-        for start in range(0, w.shape[0], step):
-            block = w[start : start + step].float()
+        self._packed, inexact, exact_values = [], [], []
+        for start in range(0, rows, step):
+            stored = read_rows(start, min(start + step, rows))
+            block = stored.float()
             self._packed.append(torch.ops.quantized.linear_prepack_fp16(block, None))
             lost = (block.half().float() != block).flatten().nonzero().flatten()        # fp16 subnormals
             inexact.append(lost + start * self.in_features)
-            del block
+            exact_values.append(stored.flatten()[lost].clone())
+            del block, stored
             release_freed_memory()
-        index = torch.cat(inexact)
-        self.register_buffer("_exact_index", index, persistent=False)
-        self.register_buffer("_exact_value", w.flatten()[index].clone(), persistent=False)
+        self.register_buffer("_exact_index", torch.cat(inexact), persistent=False)
+        self.register_buffer("_exact_value", torch.cat(exact_values).to(self.stored_dtype), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
 
@@ -150,7 +210,6 @@ def fp32_math_on_16bit_weights(root: nn.Module, packed_max_rows: int) -> dict[st
     Returns how many modules took each form.
     """
     counts = {"packed_fp16": 0, "upcast_linear": 0, "upcast_embedding": 0}
-    packed_ok = fbgemm_fp16_available()
     # names only: holding the modules would keep every replaced 16-bit weight alive until the end
     for name in [n for n, m in root.named_modules() if type(m) in (nn.Linear, nn.Embedding)]:
         module = root.get_submodule(name)
@@ -161,18 +220,17 @@ def fp32_math_on_16bit_weights(root: nn.Module, packed_max_rows: int) -> dict[st
             module.compute_dtype = torch.float32
             counts["upcast_embedding"] += 1
             continue
-        w = module.weight.detach()
-        if packed_ok and w.numel() >= PACKED_MIN_WEIGHTS and max(float(w.max()), -float(w.min())) <= FP16_MAX:
+        if packable(module.weight):
             parent, _, child = name.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, child, PackedFp16Linear(module, packed_max_rows))
             counts["packed_fp16"] += 1
         else:
             module.__class__ = UpcastLinear
             counts["upcast_linear"] += 1
-        del module, w
+        del module
         release_freed_memory()          # the replaced weight's memory, before the next layer is packed
     for module in root.modules():
-        if isinstance(module, (UpcastLinear, UpcastEmbedding)):
+        if isinstance(module, (UpcastLinear, UpcastEmbedding, MappedEmbedding)):
             continue
         for p in module.parameters(recurse=False):
             if p.dtype in LOW_PRECISION:

@@ -205,8 +205,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        use = kernels.use_kernel(self.scheme, x, rows, self.out_features, self._kernel_width(), self.group_size)
-        return self.kernel(x) if use else self.reference(x)
+        shape = (rows, self.out_features, self._kernel_width(), self.group_size)
+        if kernels.bf16_rows_for_kernel(self.scheme, x, rows):
+            xb = x.bfloat16()
+            if kernels.use_kernel(self.scheme, xb, *shape):
+                return self.kernel(xb).to(x.dtype)
+        return self.kernel(x) if kernels.use_kernel(self.scheme, x, *shape) else self.reference(x)
 
     def _kernel_width(self) -> int:
         return self.in_features
@@ -270,20 +274,81 @@ class W8A16Linear(QuantLinear):
 
 
 class W8A8Linear(W8A16Linear):
-    """int8 weight per output channel x int8 activations per token (dynamic), integer accumulation."""
+    """int8 weight per output channel x int8 activations (dynamic), integer accumulation.
+
+    Activations are quantized per token, symmetric 8-bit (``reference``, ``kernel``), except where the CPU
+    rule picks FBGEMM's int8 linear (AVX2 CPUs: ``fbgemm``, one asymmetric 7-bit scale per call, see
+    :func:`nvila.model.kernels.fbgemm_int8_reference`). FBGEMM keeps the weight in its own packed form; once
+    :meth:`pack_for_fbgemm` has dropped the plain copy, ``state_dict`` rebuilds it from the packed one
+    (exactly), so the module still saves what it loaded.
+    """
 
     scheme = "w8a8"
     # (input weakref, input version, codes, scales) of the last input quantized without an input scale
     _last_input: tuple[weakref.ref, int | None, torch.Tensor, torch.Tensor] | None = None
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._fbgemm: tuple[tuple, torch.Tensor] | None = None    # (weight key, packed) or (None, packed): dropped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fbgemm(x) if kernels.use_fbgemm(x) else super().forward(x)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of FBGEMM's packed weight (not a parameter or buffer), 0 while there is none."""
+        return self.in_features * self.out_features if self._fbgemm is not None else 0
+
+    def int8_weight(self) -> torch.Tensor:
+        """(N, K) int8 codes, from the packed form when the plain copy was dropped."""
+        return self.weight if self.weight.numel() else kernels.fbgemm_unpack(self._fbgemm[1])
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.int8_weight().to(dtype) * self.weight_scale.to(dtype)[:, None]
+
+    def fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._prepare(x).float()
+        return self._finish(kernels.fbgemm_int8_linear(rows, self._fbgemm_packed()), x.shape, x.dtype)
+
+    def fbgemm_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What :meth:`fbgemm` computes, written out."""
+        rows = self._prepare(x).float()
+        return self._finish(kernels.fbgemm_int8_reference(rows, self.int8_weight(), self.weight_scale), x.shape,
+                            x.dtype)
+
+    def _fbgemm_packed(self) -> torch.Tensor:
+        if self._fbgemm is not None and self._fbgemm[0] is None:
+            return self._fbgemm[1]
+        key = tuple((b.data_ptr(), _version(b)) for b in (self.weight, self.weight_scale))
+        if self._fbgemm is None or self._fbgemm[0] != key:
+            self._fbgemm = (key, kernels.fbgemm_pack(self.weight, self.weight_scale))
+        return self._fbgemm[1]
+
+    def pack_for_fbgemm(self) -> None:
+        """Pack the weight for FBGEMM now and drop the plain int8 copy (half the layer's memory)."""
+        packed = self._fbgemm_packed()
+        self._fbgemm = (None, packed)
+        self.weight = torch.empty(0, dtype=torch.int8, device=self.weight.device)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.int8_weight()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if not self.weight.numel():                           # dropped: take a plain copy again
+            self.weight = torch.empty(self.out_features, self.in_features, dtype=torch.int8,
+                                      device=self.weight.device)
+            self._fbgemm = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         qx, sx = self._quantize_input(x)                               # (M, K) int8, (M, 1)
-        acc = qx.float() @ self.weight.float().t()                     # integer sums, exact below 2^24
+        acc = qx.float() @ self.int8_weight().float().t()              # integer sums, exact below 2^24
         return self._dequantize(acc, sx, x)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         qx, sx = self._quantize_input(x)
-        return self._dequantize(kernels.int8_int8_mm(qx, self.weight), sx, x)   # (M, N) int32 sums
+        return self._dequantize(kernels.int8_int8_mm(qx, self.int8_weight()), sx, x)   # (M, N) int32 sums
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token int8 codes of x times the input scale (applied in float32 while quantizing).
@@ -472,6 +537,17 @@ def fuse_w8a8_mlps(root: nn.Module) -> int:
     for name in targets:
         replace_module(root, name, W8A8MLP(root.get_submodule(name)))
     return len(targets)
+
+
+def pack_int8_for_cpu(root: nn.Module) -> int:
+    """Where the CPU rule runs W8A8 through FBGEMM, pack every :class:`W8A8Linear` of ``root`` for it and drop
+    the plain int8 copies (:meth:`W8A8Linear.pack_for_fbgemm`); returns the count (0 elsewhere)."""
+    layers = [m for m in root.modules() if isinstance(m, W8A8Linear) and m.weight.device.type == "cpu"]
+    if not layers or not kernels.use_fbgemm(layers[0].weight):
+        return 0
+    for m in layers:
+        m.pack_for_fbgemm()
+    return len(layers)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -217,17 +217,24 @@ def smoothquant(vision: nn.Module, tiles: torch.Tensor | Sequence[torch.Tensor],
     output is unchanged) and returns per-linear records keyed by name inside ``vision.model``. Layers the
     tower never runs get no scale.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-    model = vision.model
     pixels = torch.cat(list(tiles)) if not isinstance(tiles, torch.Tensor) else tiles
     if pixels.numel() == 0:
         raise ConfigError("SmoothQuant needs at least one calibration image tile")
-    groups = vision_groups(model)
-    stats = collect(model, groups, lambda: [vision(chunk) for chunk in pixels.split(batch)], rows_per_call)
-    scales = {g: smooth_scale(stats[g], [model.get_submodule(n).weight for n in g.linears], alpha)
+    model = vision.model
+    return smooth(model, vision_groups(model), lambda: [vision(chunk) for chunk in pixels.split(batch)], alpha,
+                  rows_per_call)
+
+
+def smooth(root: nn.Module, groups: Sequence[Group], run: Callable[[], None], alpha: float,
+           rows_per_call: int = 64) -> dict[str, LinearCalib]:
+    """SmoothQuant over ``groups`` of ``root``, with activation maxima from one float pass (``run``): the
+    vision tower on its tiles, or a decoder on calibration embeddings (W8A8 LLM)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    stats = collect(root, groups, run, rows_per_call)
+    scales = {g: smooth_scale(stats[g], [root.get_submodule(n).weight for n in g.linears], alpha)
               for g in groups if g in stats}
-    return apply_scales(model, groups, stats, scales)
+    return apply_scales(root, groups, stats, scales)
 
 
 def plain(root: nn.Module, groups: Sequence[Group], run: Callable[[], None],

@@ -3,6 +3,7 @@
     calibration prompts --(vision tiles)--> SmoothQuant fold --> W8A8 swap of every ViT encoder linear
                         --(fused embeddings through the quantized ViT)--> AWQ fold --> W4A16/W8A16 swap of
                                                                                   every LLM decoder linear
+                                                                   (or SmoothQuant fold --> W8A8 swap)
 
 The LLM is calibrated on embeddings produced by the already quantized vision tower, as it will see them.
 The projector, the embeddings, the LM head and all norms stay float. Each swapped linear is compared with
@@ -26,7 +27,7 @@ from nvila.formats.layout import QUANT_CONFIG, official_name
 from nvila.formats.quant import QuantSpec
 from nvila.model.quantized import QUANTIZERS, QuantLinear, fuse_w8a8_mlps, is_quantized, replace_module
 from nvila.quant.awq import awq, llm_groups
-from nvila.quant.calibrate import LinearCalib, plain, smoothquant
+from nvila.quant.calibrate import LinearCalib, plain, smooth, smoothquant
 
 
 @dataclass
@@ -77,13 +78,16 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib: Sequence[Any]) -> Q
     if spec.llm is not None:
         with torch.no_grad():
             embeds = [model.embed_prompt(p.input_ids, p.media) for p in calib]            # (L_fused, D) each
-        if spec.llm == "w4a16":
+        run = lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1) for e in embeds]   # noqa: E731
+        if spec.llm == "w8a8":
+            calibs = smooth(model.llm, llm_groups(model.llm), run, spec.llm_alpha, spec.rows_per_call)
+        elif spec.llm == "w4a16":
             calibs = awq(model.llm, embeds, 4, spec.group_size, spec.n_grid, spec.rows_per_call, clip=spec.clip,
                          rounding=spec.rounding, sequential=spec.sequential)
         else:
-            calibs = plain(model.llm, llm_groups(model.llm), lambda: [model.llm(inputs_embeds=e[None], logits_to_keep=1)
-                                                                      for e in embeds], spec.rows_per_call)
-        _swap_part(model.llm, "llm", calibs, spec.llm, spec.group_size, result, spec.bias_correction)
+            calibs = plain(model.llm, llm_groups(model.llm), run, spec.rows_per_call)
+        _swap_part(model.llm, "llm", calibs, spec.llm, spec.group_size, result,
+                   spec.bias_correction and spec.llm != "w8a8")
     result.config = spec.to_config(len(calib), sum(t.shape[0] for t in tiles), result.modules)
     return result
 
