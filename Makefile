@@ -44,7 +44,7 @@ demo: $(STAMP)
 	@echo "   a gray triangle moving down: expected gray, triangle"
 	$(NVILA) infer --media examples/media/nano-video-gray-triangle.mp4 --text "What color is the moving shape? Answer with one word."
 	$(NVILA) infer --media examples/media/nano-video-gray-triangle.mp4 --text "What shape is moving? Answer with one word."
-	@echo "   direction is not learnt yet (near chance on held-out clips; docs/nano.md): expected up, often wrong"
+	@echo "   direction: up/down is learnt, left/right not yet (docs/nano.md): a shape moving up, expected up"
 	$(NVILA) infer --media examples/media/nano-video-moves-up.mp4 --text "Which way does the shape move? Answer with one word."
 	@echo "== a real video clip (bikes): Nano learnt flat shapes on plain backgrounds only. It runs the whole video path"
 	@echo "   (32 frames, TSP) but can at best name a colour; it cannot tell motion or describe a real scene: =="

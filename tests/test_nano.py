@@ -265,8 +265,8 @@ def test_nano_video_recipe_and_ablation_arms() -> None:
 
 # The shipped Nano on fresh held-out clips (seed 11, never used for training: train and test streams are
 # seeded by split, and make nano-video trains on seed 0's train split). 4 clips per question type; a floor per
-# group well below the measured accuracy (docs/perf/nano-video-test.json: 97-100 % on these types), so a lost
-# video stage fails. Direction, flash and counting are not learnt yet (near chance), so they have no floor.
+# group well below the measured accuracy (docs/perf/nano-video-test.json: 100 % on these types), so a lost
+# video stage fails. Direction is half learnt (up/down only, 50 %), flash and counting are near chance: no floor.
 VIDEO_FLOORS = {("colour", "shape", "start_colour", "end_colour"): 0.75}
 
 
