@@ -10,7 +10,7 @@ checkpoint: the linears it lists are swapped for quantized modules before the st
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ class Checkpoint:
     stop_token_ids: list[int]
     root: Path
     records: dict[str, PartRecord]
+    sources: dict[str, PartSource] = field(default_factory=dict)   # where each part's tensors are stored
 
 
 def vision_classes() -> dict[str, type]:
@@ -211,7 +212,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     records["llm"].vocab_rows = _grow_embeddings(llm, len(tokenizer))
     vision = VisionTower(vision_model, cfg.select_layer, cfg.select_feature)
     model = NvilaModel(cfg, vision, projector, llm, media_ids, end_ids).eval().to(device)
-    return Checkpoint(model, tokenizer, template, stop_ids, root, records)
+    return Checkpoint(model, tokenizer, template, stop_ids, root, records, folder.sources)
 
 
 def folder_config(folder: Folder) -> NvilaConfig:
@@ -270,10 +271,12 @@ def map_input_embeddings(ckpt: Checkpoint, packed_max_rows: int) -> bool:
     tied = head is not None and getattr(head, "weight", None) is emb.weight
     if tied and (type(head) is not nn.Linear or not packable(head.weight)):
         return False
+    source = ckpt.sources.get("llm")
+    if source is None:
+        return False
     rows = ckpt.records["llm"].vocab_rows or emb.weight.shape[0]
     name = next(n for n, m in llm.named_modules() if m is emb)
     key = official_name(llm, "llm", f"{name}.weight")
-    source = read_folder(ckpt.root).sources["llm"]
     table = map_tensor(source, key)
     if table is None or table.dtype != emb.weight.dtype or tuple(table.shape) != (rows, emb.weight.shape[1]):
         return False

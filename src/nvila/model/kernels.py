@@ -139,8 +139,9 @@ def fbgemm_int8_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     multiplied by r again). The normalized rows u = x / r are quantized with the scale s and zero point z
     torch's ``_choose_qparams_per_tensor`` picks for their min and max (0 included) over [0, 127]: codes
     round(u * (1 / s) + z) (one fused multiply-add in float32; round half to even; clamped to uint8 only, so
-    a half-way peak may give 128, which the int16 pair sums still hold); integer sums (codes - z) . w are exact (float64 here), then
-    sum * (s * scale[n]) * r in float32. In effect: symmetric 7-bit codes per token."""
+    a half-way peak may give 128, which the int16 pair sums still hold); integer sums (codes - z) . w are
+    exact (float64 here), then sum * (s * scale[n]) * r in float32. In effect: symmetric 7-bit codes per
+    token."""
     x = x.float()
     peak = _row_peaks(x)
     u = x / peak

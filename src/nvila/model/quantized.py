@@ -277,7 +277,7 @@ class W8A8Linear(W8A16Linear):
     """int8 weight per output channel x int8 activations (dynamic), integer accumulation.
 
     Activations are quantized per token, symmetric 8-bit (``reference``, ``kernel``), except where the CPU
-    rule picks FBGEMM's int8 linear (AVX2 CPUs: ``fbgemm``, one asymmetric 7-bit scale per call, see
+    rule picks FBGEMM's int8 linear (AVX2 CPUs: ``fbgemm``, 7-bit codes per token, see
     :func:`nvila.model.kernels.fbgemm_int8_reference`). FBGEMM keeps the weight in its own packed form; once
     :meth:`pack_for_fbgemm` has dropped the plain copy, ``state_dict`` rebuilds it from the packed one
     (exactly), so the module still saves what it loaded.
