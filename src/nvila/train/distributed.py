@@ -37,6 +37,13 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item())
 
+    def close(self) -> None:
+        """Leave the process group. A gloo group still alive at interpreter exit can abort the process
+        ("terminate called without an active exception") after training has finished, so the trainer
+        closes it before returning."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def gather(self, value: object) -> list[object]:
         """Every process's ``value``, in rank order (small Python objects)."""
         if self.world == 1:

@@ -257,22 +257,27 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------------
     def run(self) -> Path:
         """Set up, train to the last step (saving as configured) and export the model; returns the output."""
-        self.setup()
-        t = self.recipe.train
-        with ProgressBar("train", self.total_steps, done=self.step,
-                         enabled=self.show_progress and self.dist.main) as bar:
-            while self.step < self.total_steps:
-                metrics = self.train_step()
-                if self.dist.main:
-                    with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                bar.update(metrics["step"], f"loss {metrics['loss']:.4f}  lr {max(metrics['lr'].values()):.2e}  "
-                                            f"{metrics['tokens_per_s']:.0f} tok/s")
-                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                    self.save_state()
-        self.save_state()
-        self.export()
-        self.dist.barrier()
+        try:
+            self.setup()
+            t = self.recipe.train
+            with ProgressBar("train", self.total_steps, done=self.step,
+                             enabled=self.show_progress and self.dist.main) as bar:
+                while self.step < self.total_steps:
+                    metrics = self.train_step()
+                    if self.dist.main:
+                        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                    bar.update(metrics["step"], f"loss {metrics['loss']:.4f}  "
+                                                f"lr {max(metrics['lr'].values()):.2e}  "
+                                                f"{metrics['tokens_per_s']:.0f} tok/s")
+                    if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                        self.save_state()
+            self.save_state()
+            self.export()
+            self.dist.barrier()
+        finally:
+            if hasattr(self, "dist"):
+                self.dist.close()
         return self.out
 
     def micro_batches(self, step: int) -> list[list[Sample]]:
