@@ -75,8 +75,9 @@ nano: $(STAMP)
 # on the held-out clips and on the first 1,000 easy-VQA test questions. About 35 min on a 2-core CPU.
 NANO_VIDEO_TRAIN ?= 840
 NANO_VIDEO_TEST ?= 210
-NANO_VIDEO_DATA = test -f data/nano-video/train.jsonl || $(NVILA) nano video-data --out data/nano-video \
-	--train $(NANO_VIDEO_TRAIN) --test $(NANO_VIDEO_TEST)
+NANO_VIDEO_DATA = (test -f data/nano-video/train.jsonl || $(NVILA) nano video-data --out data/nano-video \
+	--train $(NANO_VIDEO_TRAIN) --test $(NANO_VIDEO_TEST)) && (test -f data/nano-video/train-horizontal.jsonl || \
+	$(NVILA) nano video-data --out data/nano-video --training-sets)
 nano-video: $(STAMP)
 	$(NVILA) nano build
 	test -f data/easy-vqa/train.jsonl || $(NVILA) nano data --out data/easy-vqa

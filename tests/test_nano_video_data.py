@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -166,6 +167,28 @@ def test_train_all_asks_every_answerable_question_with_the_pixels_answer(frames_
         assert rec["messages"][0]["content"] == [one["messages"][0]["content"][0],
                                                  {"type": "text", "text": QUESTIONS["direction"]}]
         assert rec["messages"][1]["content"] == one["metadata"]["direction"]
+    sideways = records(frames_dir, "train-horizontal")              # the same question, left/right clips only
+    expected = [(f"{r['id']}-horizontal", r["metadata"]["direction"]) for r in clips_
+                if r["metadata"]["direction"] in ("left", "right")]
+    assert [(r["id"], r["messages"][1]["content"]) for r in sideways] == expected and expected
+    assert all(r["metadata"]["asked"] == ["direction"] for r in sideways)
+
+
+def test_training_sets_rewritten_in_place(frames_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--training-sets` rewrites the files made from train.jsonl (a recipe's new focus file appears on an
+    existing folder) without touching the clips; a folder without train.jsonl is named in the error."""
+    copy = tmp_path / "copy"
+    shutil.copytree(frames_dir, copy)
+    made = {p.name: p.read_bytes() for p in copy.glob("train-*.jsonl")}
+    clips_before = sorted((p, p.stat().st_mtime_ns) for p in (copy / "clips").rglob("*.png"))
+    for p in copy.glob("train-*.jsonl"):
+        p.unlink()
+    assert main(["nano", "video-data", "--out", str(copy), "--training-sets"]) == 0
+    assert {p.name: p.read_bytes() for p in copy.glob("train-*.jsonl")} == made
+    assert set(made) == {"train-all.jsonl", "train-direction.jsonl", "train-horizontal.jsonl"}
+    assert sorted((p, p.stat().st_mtime_ns) for p in (copy / "clips").rglob("*.png")) == clips_before
+    assert main(["nano", "video-data", "--out", str(tmp_path / "nowhere"), "--training-sets"]) == 2
+    assert "train.jsonl not found: write the clips first (nvila nano video-data --out" in capsys.readouterr().err
 
 
 def test_same_seed_same_data_other_seed_other_data(frames_dir: Path, tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "training files; video-data: write synthetic video clips and questions (train and test); "
                    "ship: install a trained adapter as the shipped NVILA-Nano weights")
     p.add_argument("--out", default=None, help="base checkpoint folder (default: the user cache); data: output folder "
-                   "(default data/easy-vqa); video-data: output folder (default data/nano-video); ship: where to install "
-                   "the adapter (default: the package's shipped adapter folder)")
+                   "(default data/easy-vqa); video-data: output folder (default data/nano-video); ship: where to "
+                   "install the adapter (default: the package's shipped adapter folder)")
     p.add_argument("--adapter", default="runs/nano/5-tune/adapter", help="ship: the trained adapter folder "
                    "(default: runs/nano/5-tune/adapter, what `make nano` trains last)")
     p.add_argument("--ship-dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     video.add_argument("--size-range", default="64,448", metavar="LOW,HIGH", help="square frame side in px")
     video.add_argument("--fps-range", default="8,30", metavar="LOW,HIGH", help="frames per second (integers)")
     video.add_argument("--duration-range", default="2,10", metavar="LOW,HIGH", help="clip length in seconds")
+    video.add_argument("--training-sets", action="store_true", help="only (re)write the training files made from "
+                       "an existing folder's train.jsonl (train-all and the focus files); the clips stay as they are")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,8 +100,12 @@ def _pair(text: str, kind: type, flag: str) -> tuple:
 def _video_data(args: argparse.Namespace) -> int:
     """Synthetic video clips and questions for NVILA-Nano (:mod:`nvila.eval.video_shapes`)."""
     from nvila.eval.datasets import NANO_VIDEO_DEFAULT
-    from nvila.eval.video_shapes import Ranges, write_video_data
+    from nvila.eval.video_shapes import Ranges, write_training_sets, write_video_data
 
+    if args.training_sets:
+        written = write_training_sets(args.out or NANO_VIDEO_DEFAULT)
+        print(json.dumps({name: str(path) for name, path in written.items()}))
+        return 0
     ranges = Ranges(_pair(args.size_range, int, "--size-range"), _pair(args.fps_range, int, "--fps-range"),
                     _pair(args.duration_range, float, "--duration-range"))
     summary = write_video_data(args.out or NANO_VIDEO_DEFAULT, args.train, args.test, seed=args.seed,

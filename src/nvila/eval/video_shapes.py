@@ -327,18 +327,27 @@ def _questions_record(rec: dict[str, Any], asked: dict[str, list[str]], rid: str
     return {"id": rid, "messages": messages, "metadata": {**rec["metadata"], "asked": list(asked)}}
 
 
-# Question types whose own training file (train-<type>.jsonl: that question alone, every train clip) lets a
-# recipe weight them up: the direction of motion is the slowest type to learn.
-FOCUS_TYPES = ("direction",)
+# Focus files (train-<name>.jsonl: one question type alone, on the train clips whose answer is one of the
+# listed answers, or on every clip for None) that let a recipe weight a skill up: the direction of motion is
+# the slowest type to learn, and sideways motion the slowest direction (a frame's tokens go in row order, so
+# a shape moving sideways shifts by one token position where one moving up or down shifts by a whole row).
+FOCUS_SETS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "direction": ("direction", None),
+    "horizontal": ("direction", ("left", "right")),
+}
 
 
 def training_sets(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The training files made from the train split's records: ``train-all`` and ``train-<type>`` for
-    :data:`FOCUS_TYPES`."""
+    """The training files made from the train split's records: ``train-all`` and one ``train-<name>`` per
+    :data:`FOCUS_SETS` entry."""
     sets = {"train-all": [all_questions_record(r) for r in records]}
-    for q in FOCUS_TYPES:
-        sets[f"train-{q}"] = [_questions_record(r, {q: answerable(r["metadata"])[q]}, f"{r['id']}-{q}")
-                              for r in records]
+    for name, (q, only) in FOCUS_SETS.items():
+        rows = []
+        for r in records:
+            accepted = answerable(r["metadata"])[q]
+            if only is None or accepted[0] in only:
+                rows.append(_questions_record(r, {q: accepted}, f"{r['id']}-{name}"))
+        sets[f"train-{name}"] = rows
     return sets
 
 
@@ -346,6 +355,8 @@ def write_training_sets(folder: str | Path) -> dict[str, Path]:
     """(Re)write the :func:`training_sets` files next to an existing ``train.jsonl`` (clips untouched)."""
     folder = Path(folder)
     src = folder / "train.jsonl"
+    if not src.is_file():
+        raise NvilaError(f"{src} not found: write the clips first (nvila nano video-data --out {folder})")
     records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = {}
     for name, rows in training_sets(records).items():
@@ -433,7 +444,7 @@ def write_video_data(out: str | Path, train: int, test: int, seed: int = 0, fmt:
             if split == "train" and records:
                 for name, rows in training_sets(records).items():
                     _write_jsonl(tmp / f"{name}.jsonl", rows)
-                    summary[name] = {"path": str(out / f"{name}.jsonl"), "clips": count,
+                    summary[name] = {"path": str(out / f"{name}.jsonl"), "clips": len(rows),
                                      "questions": sum(len(r["metadata"]["asked"]) for r in rows)}
         info = {"generator": __name__, "seed": seed, "format": fmt, "codec": codec, "ranges": asdict(ranges),
                 "splits": summary, "question_types": QUESTIONS}
