@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -245,13 +246,25 @@ def test_nano_video_recipe_and_ablation_arms() -> None:
     root = Path(__file__).resolve().parents[1]
     video = root / "recipes" / "nano-video" / "video.yaml"
     b = load_recipe(video)
-    assert b.model == "nvila:nano-base" and Path(b.train.init_adapter) == root / "recipes" / "nano-video" / "image-adapter"
+    assert b.model == "nvila:nano-base"
+    assert Path(b.train.init_adapter) == root / "recipes" / "nano-video" / "image-adapter"
     assert b.train.parts["vision"] == "frozen" and b.train.feature_cache is not None
     assert (b.data.num_video_frames, b.data.video_frame_size, b.data.video_pool) == (32, 168, [[4, 1, 1]])
-    a = load_recipe(video, ["data.num_video_frames=8", "data.video_pool=[]"])
-    c = load_recipe(video, ["data.video_pool=[]"])
-    # the arms differ in their frame settings only
-    same = lambda r: (r.train, r.seed, r.data.datasets, r.data.max_length)
+    # the ablation's fixed recipe: the shipped stage's, plus the left/right focus file, one epoch of steps
+    ablation = root / "recipes" / "nano-video" / "ablation.yaml"
+    b = load_recipe(ablation)
+    shipped = load_recipe(video)
+    assert b.data.datasets[:2] == shipped.data.datasets[:2] and b.data.datasets[3:] == shipped.data.datasets[2:]
+    assert Path(b.data.datasets[2].path).name == "train-horizontal.jsonl" and b.data.datasets[2].ratio == 2
+    assert dataclasses.replace(b.train, max_steps=shipped.train.max_steps) == shipped.train
+    assert (b.model, b.seed, b.data.num_video_frames, b.data.video_frame_size, b.data.video_pool) == \
+        (shipped.model, shipped.seed, 32, 168, [[4, 1, 1]])
+    a = load_recipe(ablation, ["data.num_video_frames=8", "data.video_pool=[]"])
+    c = load_recipe(ablation, ["data.video_pool=[]"])
+    # the arms differ in their frame settings only (what make nano-video-ablation overrides)
+    def same(r):
+        return r.train, r.seed, r.data.datasets, r.data.max_length
+
     assert same(a) == same(b) == same(c)
     cfg = nvila.load("nvila:nano-base", dtype="float32").config
     tokens = {}
