@@ -38,9 +38,9 @@ class Dist:
         return float(t.item())
 
     def close(self) -> None:
-        """Leave the process group. A gloo group still alive at interpreter exit can abort the process
-        ("terminate called without an active exception") after training has finished, so the trainer
-        closes it before returning."""
+        """Leave the process group, as every process should before it exits; the trainer does so before
+        returning. (`nvila train` under torchrun then also skips the interpreter's teardown, where a finished
+        gloo process could still abort intermittently.)"""
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
