@@ -93,7 +93,7 @@ nano-video: $(STAMP)
 
 # The frame-count ablation at an equal token budget (recipes/nano-video/ablation.yaml, fixed for it):
 # (b) 32 frames + TSP x4, (a) 8 frames, (c) 32 frames unpooled (4x the tokens), trained the same way; table,
-# plot and TTFT. About 50 min each for (a) and (b) and 2.5 h for (c) on 2 cores (tower tokens cached).
+# plot and TTFT. About 50 min each for (a) and (b) and 2 h for (c) on 2 cores (tower tokens cached).
 ABLATION = runs/nano-video-ablation
 ABLATION_TRAIN = $(NVILA) train --config recipes/nano-video/ablation.yaml --no-progress
 nano-video-ablation: $(STAMP)
