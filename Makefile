@@ -154,6 +154,21 @@ bench-quant: $(STAMP)
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --quantized $(BENCH_DIR)/nvila-lite-2b-w4 \
 		--runs 3 --warmup 1 --interleave 5 --new-tokens 32 --json docs/perf/quant-lite-2b.json
 
+# Has a change made anything slower on this CPU? `nvila bench` of BENCH_BASE (a commit) and of the working tree,
+# alternating processes (scripts/bench_ab.py): the float setups and a quantized model, then the default setup
+# alone in more rounds. BENCH_BASE defaults to the commit before the AVX2 work.
+BENCH_BASE ?= 08edf0b
+bench-ab: $(STAMP)
+	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
+	test -f $(BENCH_DIR)/nvila-lite-2b-w4/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w4 && \
+		$(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w4 --calib-samples 4 \
+		> /dev/null)
+	$(PY) scripts/bench_ab.py --base $(BENCH_BASE) --model $(BENCH_DIR)/nvila-lite-2b \
+		--quantized $(BENCH_DIR)/nvila-lite-2b-w4 --compare fast,fp32 --rounds 3 \
+		--json docs/perf/ab-$$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())").json
+	$(PY) scripts/bench_ab.py --base $(BENCH_BASE) --model $(BENCH_DIR)/nvila-lite-2b --compare auto --rounds 4 \
+		--json docs/perf/ab-$$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())")-auto.json
+
 # NVILA-Nano's easy-VQA accuracy, float (the shipped model, full test set) and quantized: merge the shipped adapter,
 # quantize (defaults: W8A8 ViT, W4A16 LLM with GPTQ, 64 calibration conversations drawn with NANO_QUANT_SEED),
 # evaluate both on the first NANO_QUANT_LIMIT test questions (empty: all), measure next-token agreement on the
@@ -279,7 +294,7 @@ SGLANG_PRESETS ?= nvila-lite-2b nvila-8b
 SGLANG_IMAGES  := $(FIXTURE)/media/china_1000x250.png $(FIXTURE)/media/flower_300x900.png $(FIXTURE)/media/hopper_278x278.png
 SGLANG_INSTALL = test -x $(SGLANG_PY) || ($(PYTHON) -m venv $(SGLANG_VENV) && $(SGLANG_VENV)/bin/pip install sglang==0.5.23)
 
-.PHONY: bench-avx2-emulated nano-quant-model nano-quant-avx2-emulated nano-quant-schemes sglang-check gpu-check soak chat-page-screenshot bench-structured nano-video-data nano-video nano-video-ablation
+.PHONY: bench-avx2-emulated nano-quant-model nano-quant-avx2-emulated nano-quant-schemes sglang-check gpu-check soak chat-page-screenshot bench-structured nano-video-data nano-video nano-video-ablation bench-ab
 sglang-check: $(STAMP)
 	$(SGLANG_INSTALL)
 	for p in $(SGLANG_PRESETS); do \

@@ -132,8 +132,8 @@ RULES: dict[str, CpuRules] = {
                             "docs/perf/kernels-avx512_bf16.json"),
     # bf16 GEMMs are emulated (slower than fp32): float32 math; FBGEMM's fp16 GEMM reads half the bytes of
     # fp32 at every row count. torch._int_mm has no fast path without VNNI (2 GOP/s measured on a real AVX2
-    # CPU) while FBGEMM's int8 linear is 2-12x float32; the weight-only ops are 2x slower than float32 with
-    # float32 rows, 6-7x faster with bf16 rows (decode). W8A8 decodes fastest: the LLM default.
+    # CPU) while FBGEMM's int8 linear is 2-17x float32; the weight-only ops are 2x slower than float32 with
+    # float32 rows, 8-9x faster with bf16 rows (decode). W8A8 decodes fastest: the LLM default.
     "avx2": CpuRules(False, True, UNLIMITED, False, 1, "fbgemm", 1, "w8a8", "docs/perf/kernels-avx2-emulated.json"),
     # no FBGEMM on ARM: bf16 where the CPU has it (ARMv8.6 BF16), else plain float32
     "arm": CpuRules(True, False, UNLIMITED, False, 1, "reference", 0, "w4a16", "unmeasured: no ARM machine available"),
