@@ -8,7 +8,8 @@ HELP = "time the float and quantized linear kernels on this CPU (the measurement
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", type=int, default=5, help="timed calls per kernel (median; default 5)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed calls per kernel at least (median; default 5; fast kernels are repeated for 0.5 s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table as JSON")
 
 
