@@ -108,6 +108,14 @@ nano-video-ablation: $(STAMP)
 		--plot docs/img/nano-video-ablation.png
 
 BENCH_DIR ?= .cache/bench
+# The benchmarks' NVILA-Lite-2B checkpoint (real shapes, random weights) and its W8A8 + W4A16 quantization, each
+# written once; the CPU class names a machine's results files.
+LITE2B    := $(BENCH_DIR)/nvila-lite-2b
+LITE2B_W4 := $(BENCH_DIR)/nvila-lite-2b-w4
+MAKE_LITE2B    = test -d $(LITE2B) || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(LITE2B)
+MAKE_LITE2B_W4 = test -f $(LITE2B_W4)/quant_config.json || (rm -rf $(LITE2B_W4) && \
+	$(NVILA) quantize --model $(LITE2B) --out $(LITE2B_W4) --calib-samples 4 > /dev/null)
+CPU_CLASS = $$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())")
 
 # Parity with the reference on the 39 fixture cases (float32), and the bf16 fast path's logit deviation.
 parity: $(STAMP)
@@ -124,20 +132,20 @@ nano-probe: $(STAMP)
 # Real NVILA-Lite-2B shapes (random weights, written once): fp32 eager vs plain bf16 vs our bf16 fast path vs float32
 # math on the 16-bit weights (fp32-w16, what `auto` picks on AVX2 CPUs; `auto` is one of the last two everywhere).
 bench: $(STAMP)
-	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
+	$(MAKE_LITE2B)
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast,fp32-w16 --runs 3 --warmup 1 --new-tokens 32 \
 		--json docs/perf/nvila-lite-2b.json --plot docs/perf/nvila-lite-2b --sweep 448,896,1344
 
 # Every linear path (float, W8A16, W4A16, W8A8; fused op and reference) on NVILA-Lite-2B's shapes, on this CPU.
 bench-kernels: $(STAMP)
-	$(NVILA) bench-kernels --json docs/perf/kernels-$$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())").json
+	$(NVILA) bench-kernels --json docs/perf/kernels-$(CPU_CLASS).json
 
 # An AVX2-only CPU approximated on an AVX-512 one (docs/performance.md#avx2-emulation): torch's kernels capped to
 # AVX2 from the start of the process and nvila's rules shown no AVX-512 flags. Compare ratios, not times:
 # bandwidth, caches and clocks stay the real CPU's.
 AVX2_EMULATION = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 NVILA_EMULATE_CPU=avx2
 bench-avx2-emulated: $(STAMP)
-	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
+	$(MAKE_LITE2B)
 	$(AVX2_EMULATION) $(NVILA) bench-kernels --json docs/perf/kernels-avx2-emulated.json
 	test -f $(BENCH_DIR)/nvila-lite-2b-w8/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w8 && \
 		$(AVX2_EMULATION) $(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w8 \
@@ -147,10 +155,8 @@ bench-avx2-emulated: $(STAMP)
 
 # Quantized deployment on NVILA-Lite-2B shapes: fp32 and bf16 vs W8A8 ViT + W4A16 LLM, side by side.
 bench-quant: $(STAMP)
-	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
-	test -f $(BENCH_DIR)/nvila-lite-2b-w4/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w4 && \
-		$(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w4 --calib-samples 4 \
-		> /dev/null)
+	$(MAKE_LITE2B)
+	$(MAKE_LITE2B_W4)
 	$(NVILA) bench --model $(BENCH_DIR)/nvila-lite-2b --compare fp32,bf16,fast --quantized $(BENCH_DIR)/nvila-lite-2b-w4 \
 		--runs 3 --warmup 1 --interleave 5 --new-tokens 32 --json docs/perf/quant-lite-2b.json
 
@@ -159,15 +165,12 @@ bench-quant: $(STAMP)
 # alone in more rounds. BENCH_BASE defaults to the commit before the AVX2 work.
 BENCH_BASE ?= 08edf0b
 bench-ab: $(STAMP)
-	test -d $(BENCH_DIR)/nvila-lite-2b || $(NVILA) random-checkpoint --preset nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b
-	test -f $(BENCH_DIR)/nvila-lite-2b-w4/quant_config.json || (rm -rf $(BENCH_DIR)/nvila-lite-2b-w4 && \
-		$(NVILA) quantize --model $(BENCH_DIR)/nvila-lite-2b --out $(BENCH_DIR)/nvila-lite-2b-w4 --calib-samples 4 \
-		> /dev/null)
-	$(PY) scripts/bench_ab.py --base $(BENCH_BASE) --model $(BENCH_DIR)/nvila-lite-2b \
-		--quantized $(BENCH_DIR)/nvila-lite-2b-w4 --compare fast,fp32 --rounds 3 \
-		--json docs/perf/ab-$$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())").json
-	$(PY) scripts/bench_ab.py --base $(BENCH_BASE) --model $(BENCH_DIR)/nvila-lite-2b --compare auto --rounds 4 \
-		--json docs/perf/ab-$$($(PY) -c "from nvila.base.hardware import cpu_class; print(cpu_class())")-auto.json
+	$(MAKE_LITE2B)
+	$(MAKE_LITE2B_W4)
+	$(PY) scripts/bench_ab.py --base $(BENCH_BASE) --model $(LITE2B) --quantized $(LITE2B_W4) --compare fast,fp32 \
+		--rounds 3 --json docs/perf/ab-$(CPU_CLASS).json
+	$(PY) scripts/bench_ab.py --base $(BENCH_BASE) --model $(LITE2B) --compare auto --rounds 4 \
+		--json docs/perf/ab-$(CPU_CLASS)-auto.json
 
 # NVILA-Nano's easy-VQA accuracy, float (the shipped model, full test set) and quantized: merge the shipped adapter,
 # quantize (defaults: W8A8 ViT, W4A16 LLM with GPTQ, 64 calibration conversations drawn with NANO_QUANT_SEED),
